@@ -1,0 +1,27 @@
+# `make demo` runs the quickstart experiment; `make test` runs the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test venv bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision, ray, fastapi, sqlalchemy, torchattacks, mlxtend, sklearn, igat_core"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/igat run examples/quickstart.yaml --out runs/quickstart
+
+test: venv
+	$(PY) -m pytest -q --timeout=900
+
+bench: venv
+	$(PY) -m bench.run
+
+clean:
+	rm -rf runs var

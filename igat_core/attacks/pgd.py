@@ -1,0 +1,68 @@
+"""L-infinity PGD (Madry et al., 2018) and FGSM (Goodfellow et al., 2015) with the cross-entropy loss.
+
+The model may return logits or log-probabilities (an ensemble's combined output): CE is taken on either.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from igat_core.attacks.base import Attack, ModelMode, project_linf
+
+
+class PGD(Attack):
+    """eps-ball PGD: uniform random start, `steps` signed-gradient steps of size `step`, projection after each.
+
+    With several restarts an example keeps the first iterate that fools the model, else the last one.
+    """
+
+    name = "pgd"
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20,
+                 random_start: bool = True, restarts: int = 1, model_mode: ModelMode = "eval",
+                 generator: torch.Generator | None = None):
+        super().__init__(model, eps, model_mode)
+        if steps < 1 or restarts < 1:
+            raise ValueError("steps and restarts must be >= 1")
+        self.step, self.steps, self.random_start, self.restarts = step, steps, random_start, restarts
+        self.generator = generator
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, labels, reduction="sum")
+
+    def _one_run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = images
+        if self.random_start:
+            noise = torch.rand(images.shape, generator=self.generator, device="cpu").to(images.device)
+            x = (images + (2 * noise - 1) * self.eps).clamp(0.0, 1.0)
+        for _ in range(self.steps):
+            x = x.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(self.loss(self.model(x), labels), x)
+            x = project_linf(x.detach() + self.step * grad.sign(), images, self.eps)
+        return x.detach()
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        best = self._one_run(images, labels)
+        for _ in range(self.restarts - 1):
+            with torch.no_grad():
+                robust = self.model(best).argmax(1) == labels
+            if not robust.any():
+                break
+            candidate = self._one_run(images[robust], labels[robust])
+            best[robust] = candidate
+        self.cost = torch.full((len(images),), self.steps * self.restarts, dtype=torch.long)
+        return best
+
+
+class FGSM(Attack):
+    """One signed-gradient step of size eps."""
+
+    name = "fgsm"
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = images.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(self.model(x), labels, reduction="sum"), x)
+        self.cost = torch.ones(len(images), dtype=torch.long)
+        return images + self.eps * grad.sign()

@@ -1,0 +1,130 @@
+"""Ensemble: N members of one architecture and a combiner over their softmax probabilities.
+
+The ensemble's output is log(c(h^1, ..., h^N)) clamped at 1e-40, where c is the average or the element-wise max
+of the members' softmax outputs (section 5). CE on it is the negative log of the combined true-class score, and it
+is what attacks (and torchattacks / AutoAttack) are given as "logits".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from igat_core.models import ModelConfig, Normalized, build_model
+
+Combiner = Literal["average", "max"]
+COMBINERS: tuple[str, ...] = ("average", "max")
+LOG_PROB_FLOOR = math.log(1e-40)
+CHECKPOINT_FORMAT = "igat-ensemble/1"
+
+
+def combine_log_probs(member_logits: torch.Tensor, combiner: str) -> torch.Tensor:
+    """(N, B, C) member logits -> (B, C) log of the combined probabilities, clamped at log(1e-40)."""
+    log_probs = torch.log_softmax(member_logits, dim=-1)
+    if combiner == "average":
+        combined = torch.logsumexp(log_probs, dim=0) - math.log(member_logits.shape[0])
+    elif combiner == "max":
+        combined = log_probs.max(dim=0).values
+    else:
+        raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+    return combined.clamp_min(LOG_PROB_FLOOR)
+
+
+def combine_probs(member_probs: torch.Tensor, combiner: str) -> torch.Tensor:
+    """(N, B, C) member probabilities -> (B, C) combined scores h = c(h^1, ..., h^N) (not renormalised for max)."""
+    if combiner == "average":
+        return member_probs.mean(dim=0)
+    if combiner == "max":
+        return member_probs.max(dim=0).values
+    raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+
+
+class Ensemble(nn.Module):
+    def __init__(self, config: ModelConfig, members: int, combiner: str = "average"):
+        super().__init__()
+        if members < 1:
+            raise ValueError("an ensemble needs at least one member")
+        if combiner not in COMBINERS:
+            raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+        self.config = config
+        self.combiner = combiner
+        self.members = nn.ModuleList(build_model(config) for _ in range(members))
+
+    @property
+    def num_members(self) -> int:
+        return len(self.members)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, B, C) logits of every member."""
+        return torch.stack([m(x) for m in self.members])
+
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, B, C) softmax probabilities of every member."""
+        return torch.softmax(self.member_logits(x), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_log_probs(self.member_logits(x), self.combiner)
+
+    def with_combiner(self, combiner: str) -> Ensemble:
+        """A view sharing these members that combines with `combiner`."""
+        view = Ensemble.__new__(Ensemble)
+        nn.Module.__init__(view)
+        view.config, view.combiner, view.members = self.config, combiner, self.members
+        if combiner not in COMBINERS:
+            raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+        view.train(self.training)
+        return view
+
+    def describe(self) -> dict:
+        return {"model": self.config.to_dict(), "members": self.num_members, "combiner": self.combiner}
+
+    def checkpoint_payload(self) -> dict:
+        """Self-describing checkpoint: architecture, classes, normalisation, members, combiner and weights."""
+        return {"format": CHECKPOINT_FORMAT, **self.describe(), "state_dicts": [m.state_dict() for m in self.members]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_torch_save(self.checkpoint_payload(), path)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def ensemble_from_checkpoint(payload: Mapping, combiner: str | None = None) -> Ensemble:
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not an igat ensemble checkpoint (format {payload.get('format')!r})")
+    config = ModelConfig.from_dict(payload["model"])
+    ensemble = Ensemble(config, payload["members"], combiner or payload["combiner"])
+    for member, state in zip(ensemble.members, payload["state_dicts"], strict=True):
+        member.load_state_dict(state)
+    return ensemble
+
+
+def load_ensemble(path: str | os.PathLike, combiner: str = "average", map_location: str | torch.device = "cpu") -> Ensemble:
+    """Load a saved ensemble in eval mode: images in [0,1] in, the ensemble's log-probabilities out."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    return ensemble_from_checkpoint(payload, combiner).eval()
+
+
+def import_dverge_checkpoint(path: str | os.PathLike, config: ModelConfig, combiner: str = "average") -> Ensemble:
+    """Import a DVERGE/iGAT release checkpoint {"model_0": state_dict, ...}; the member count comes from the file."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    keys = sorted((k for k in payload if k.startswith("model_")), key=lambda k: int(k.split("_")[1]))
+    if not keys:
+        raise ValueError(f"{path}: no 'model_<i>' entries; keys are {sorted(payload)[:5]}")
+    ensemble = Ensemble(config, len(keys), combiner)
+    for member, key in zip(ensemble.members, keys):
+        state = {k.removeprefix("model."): v for k, v in payload[key].items() if not k.startswith("normalizer.")}
+        net: Normalized = member  # type: ignore[assignment]
+        net.net.load_state_dict(state)
+    return ensemble.eval()

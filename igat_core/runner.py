@@ -1,0 +1,253 @@
+"""A whole experiment in-process: pretrain (or load) the base ensemble, iGAT fine-tune, evaluate, report.
+
+The run directory holds spec.yaml, checkpoints/{base,igat}/, metrics.jsonl, events.jsonl, results.json,
+report.md. Every phase is resumable: rerunning on the same directory skips finished phases and continues the
+interrupted one from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from igat_core.data import Split, dataset_info, equidistant_indices, load_dataset
+from igat_core.defenses import build_method
+from igat_core.ensemble import Ensemble, import_dverge_checkpoint, load_ensemble
+from igat_core.evaluate import EvalConfig, evaluate_ensemble, relative_improvement
+from igat_core.igat import IgatConfig, IgatObjective
+from igat_core.models import ModelConfig
+from igat_core.report import write_report
+from igat_core.spec import ExperimentSpec, OptimSpec, dump_spec, load_spec
+from igat_core.train import TrainConfig, fit, restore_ensemble
+
+BASE_CHECKPOINT = "checkpoints/base/ensemble.pt"
+IGAT_CHECKPOINT = "checkpoints/igat/ensemble.pt"
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("resources.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def model_config(spec: ExperimentSpec) -> ModelConfig:
+    info = dataset_info(spec.dataset.name)
+    e = spec.ensemble
+    return ModelConfig(e.architecture, info.num_classes, info.channels, info.height, info.width, info.mean, info.std,
+                       e.activation, e.width)
+
+
+def train_config(optim: OptimSpec, spec: ExperimentSpec, seed_offset: int) -> TrainConfig:
+    augment = spec.dataset.augment if spec.dataset.augment is not None else spec.dataset.name.startswith("cifar")
+    return TrainConfig(optim.epochs, optim.batch_size, optim.lr, optim.momentum, optim.weight_decay,
+                       tuple(optim.milestones), optim.gamma, augment, spec.seed + seed_offset)
+
+
+def igat_config(spec: ExperimentSpec) -> IgatConfig:
+    g = spec.igat
+    return IgatConfig(alpha=g.alpha, beta=g.beta, rule=g.rule, regularizer=g.regularizer,
+                      regularizer_clip=g.regularizer_clip, misclassified_only=g.misclassified_only,
+                      global_loss_mean=g.global_loss_mean, combiner=spec.ensemble.combiner, eps=g.attack.eps,
+                      step=g.attack.step, steps=g.attack.steps, random_start=g.attack.random_start, bn_mode=g.bn_mode)
+
+
+def eval_config(spec: ExperimentSpec) -> EvalConfig:
+    e = spec.eval
+    return EvalConfig(tuple(e.attacks), tuple(e.combiners), e.eps, e.step, e.steps, e.batch_size, spec.seed)
+
+
+def base_method_params(spec: ExperimentSpec) -> dict:
+    params = dict(spec.base.params)
+    if spec.base.method == "pgd_at":
+        a = spec.base.attack
+        params = {"eps": a.eps, "step": a.step, "steps": a.steps, "random_start": a.random_start, **params}
+    return params
+
+
+@dataclass
+class RunLog:
+    """Appends progress events and per-epoch metrics to the run directory (the service ingests both)."""
+
+    out: Path
+
+    def event(self, phase: str, event: str, message: str = "", **data: object) -> None:
+        record = {"time": datetime.now(timezone.utc).isoformat(), "phase": phase, "event": event,
+                  "message": message, **data}
+        with open(self.out / "events.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self, metrics: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
+        self.event(metrics["phase"], "epoch", f"epoch {metrics['epoch']}: {shown}", epoch=metrics["epoch"])
+
+    def drop_metrics_after(self, phase: str, epoch: int) -> None:
+        """Forget metrics of epochs that the resumed phase will redo, so each epoch appears once."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and not (json.loads(line)["phase"] == phase and json.loads(line)["epoch"] > epoch)]
+        tmp = path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+class Runner:
+    def __init__(self, spec: ExperimentSpec, out: str | Path, *, progress: bool = True):
+        self.spec = spec
+        self.out = Path(out)
+        self.progress = progress
+        self.device = resolve_device(spec.resources.device)
+        self.log = RunLog(self.out)
+        self.state_path = self.out / "state.json"
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {"phases": {}}
+
+    def _finish_phase(self, phase: str, seconds: float, **extra: object) -> None:
+        state = self._state()
+        state["phases"][phase] = {"done": True, "seconds": seconds, **extra}
+        write_json_atomic(self.state_path, state)
+        self.log.event(phase, "finished", f"{phase} finished in {seconds:.1f}s")
+
+    def _done(self, phase: str) -> bool:
+        return self._state()["phases"].get(phase, {}).get("done", False)
+
+    # -- phases --------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_same_spec()
+        self.log.event("run", "started", f"run {self.spec.name} on {self.device}")
+        torch.manual_seed(self.spec.seed)
+        d = self.spec.dataset
+        train = load_dataset(d.name, "train", val_fraction=d.val_fraction, seed=self.spec.seed,
+                             train_limit=d.train_limit)
+        if not self._done("pretrain"):
+            self._pretrain(train)
+        if self.spec.igat.enabled and not self._done("igat"):
+            self._igat(train)
+        if not self._done("evaluate"):
+            self._evaluate()
+        results = self._results()
+        write_json_atomic(self.out / "results.json", results)
+        write_report(results, self.out)
+        self.log.event("run", "finished", "results.json and report.md written")
+        return results
+
+    def _check_same_spec(self) -> None:
+        spec_path = self.out / "spec.yaml"
+        text = dump_spec(self.spec)
+        if spec_path.exists() and load_spec(spec_path) != self.spec:
+            raise RuntimeError(f"{self.out} holds a run of a different spec; use another --out directory")
+        if not spec_path.exists():
+            spec_path.write_text(text)
+
+    def _fit(self, phase: str, ensemble: Ensemble, objective, train: Split, optim: OptimSpec, seed_offset: int,
+             checkpoint_name: str) -> float:
+        ckpt_dir = self.out / "checkpoints" / checkpoint_name
+        config = train_config(optim, self.spec, seed_offset)
+        previous = restore_ensemble(ckpt_dir)
+        resumed_epoch = 0
+        if previous is not None:
+            resumed_epoch = int(torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+        self.log.drop_metrics_after(phase, resumed_epoch)
+        self.log.event(phase, "started", f"{phase}: epochs {resumed_epoch + 1}..{optim.epochs}",
+                       resumed_from_epoch=resumed_epoch)
+        started = time.perf_counter()
+        fit(ensemble, objective, train, config, ckpt_dir, device=self.device,
+            report=lambda m, _: self.log.metrics(m), progress=self.progress, phase=phase)
+        ensemble.cpu().save(ckpt_dir / "ensemble.pt")
+        return time.perf_counter() - started
+
+    def _pretrain(self, train: Split) -> None:
+        base = self.spec.base
+        if base.checkpoint:
+            self.log.event("pretrain", "started", f"loading pretrained ensemble {base.checkpoint}")
+            started = time.perf_counter()
+            ensemble = self._load_pretrained(base.checkpoint)
+            ensemble.save(self.out / BASE_CHECKPOINT)
+            self._finish_phase("pretrain", time.perf_counter() - started, loaded=base.checkpoint)
+            return
+        torch.manual_seed(self.spec.seed)
+        ensemble = Ensemble(model_config(self.spec), self.spec.ensemble.members, self.spec.ensemble.combiner)
+        method = build_method(base.method, base_method_params(self.spec))
+        seconds = self._fit("pretrain", ensemble, method, train, base.train, seed_offset=0, checkpoint_name="base")
+        self._finish_phase("pretrain", seconds)
+
+    def _load_pretrained(self, path: str) -> Ensemble:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and "format" in payload:
+            return load_ensemble(path, self.spec.ensemble.combiner)
+        return import_dverge_checkpoint(path, model_config(self.spec), self.spec.ensemble.combiner)
+
+    def _igat(self, train: Split) -> None:
+        ensemble = load_ensemble(self.out / BASE_CHECKPOINT, self.spec.ensemble.combiner)
+        method = build_method(self.spec.base.method, base_method_params(self.spec))
+        objective = IgatObjective(method, igat_config(self.spec))
+        seconds = self._fit("igat", ensemble, objective, train, self.spec.igat.train, seed_offset=1,
+                            checkpoint_name="igat")
+        self._finish_phase("igat", seconds)
+
+    def _evaluate(self) -> None:
+        self.log.event("evaluate", "started", "evaluating on the test split")
+        started = time.perf_counter()
+        test = load_dataset(self.spec.dataset.name, "test")
+        idx = equidistant_indices(len(test.labels), self.spec.eval.n_examples)
+        images, labels = test.images[idx], test.labels[idx]
+        config = eval_config(self.spec)
+        evaluation = {}
+        for model, rel in (("base", BASE_CHECKPOINT), ("igat", IGAT_CHECKPOINT)):
+            if (self.out / rel).exists() and (model == "base" or self.spec.igat.enabled):
+                ensemble = load_ensemble(self.out / rel)
+                evaluation[model] = evaluate_ensemble(ensemble, images, labels, config, device=self.device,
+                                                      progress=self.progress, desc=f"evaluate {model}")
+        write_json_atomic(self.out / "evaluation.json", {
+            "accuracy": {m: e.accuracy for m, e in evaluation.items()},
+            "sanity": {f"{m}.{c.name}": c.to_dict() for m, e in evaluation.items() for c in e.sanity},
+            "n_examples": len(labels),
+        })
+        self._finish_phase("evaluate", time.perf_counter() - started)
+
+    def _results(self) -> dict:
+        state = self._state()
+        evaluation_file = json.loads((self.out / "evaluation.json").read_text())
+        accuracy = evaluation_file["accuracy"]
+        evaluation: dict = {"eps": self.spec.eval.eps, "n_examples": evaluation_file["n_examples"], **accuracy}
+        improvement = relative_improvement(accuracy["base"], accuracy["igat"]) if "igat" in accuracy else {}
+        artifacts = {"base_checkpoint": BASE_CHECKPOINT}
+        if "igat" in accuracy:
+            artifacts["igat_checkpoint"] = IGAT_CHECKPOINT
+        return {
+            "name": self.spec.name,
+            "spec": self.spec.model_dump(mode="json"),
+            "evaluation": evaluation,
+            "improvement": improvement,
+            "diagnostics": {},
+            "sanity": evaluation_file["sanity"],
+            "timing": {phase: info["seconds"] for phase, info in state["phases"].items()},
+            "tune": None,
+            "artifacts": artifacts,
+            "device": str(self.device),
+            "torch": torch.__version__,
+        }
+
+
+def run_experiment(spec: ExperimentSpec, out: str | Path, *, progress: bool = True) -> dict:
+    return Runner(spec, out, progress=progress).run()

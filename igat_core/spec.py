@@ -1,0 +1,187 @@
+"""ExperimentSpec: the one contract the CLI, the service and the Ray workers share.
+
+Importable without torch. A spec is read from YAML (`load_spec`) or JSON (the REST body); extra fields are
+forbidden and every number is bounded, so a typo is an error naming the field instead of a silent default.
+Perturbation sizes accept fractions written as strings ("8/255").
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+DatasetName = Literal["digits", "mnist5k", "cifar10", "cifar100", "synthetic"]
+Architecture = Literal["resnet20", "small_cnn", "mlp"]
+Combiner = Literal["average", "max"]
+BaseMethodName = Literal["plain", "pgd_at"]
+DistributionRule = Literal["soft", "hard", "random", "opposite"]
+RegularizerForm = Literal["paper", "per_member"]
+AttackName = Literal["natural", "pgd"]
+BnMode = Literal["eval", "train"]
+
+
+def _parse_fraction(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"expected a number or a fraction such as '8/255', got {value!r}") from exc
+    return value
+
+
+Perturbation = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    name: DatasetName = "digits"
+    val_fraction: float = Field(0.1, ge=0.0, le=0.5, description="share of the training split held out as `val`")
+    augment: bool | None = Field(None, description="crop+flip; default: on for CIFAR, off otherwise")
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
+
+
+class EnsembleSpec(_Strict):
+    members: int = Field(3, ge=1, le=64)
+    architecture: Architecture = "small_cnn"
+    activation: Literal["relu", "leaky_relu"] = "relu"
+    width: int = Field(32, ge=4, le=4096, description="base width of small_cnn / hidden units of mlp")
+    combiner: Combiner = Field("average", description="combiner attacked and tested (delta_0/1) during iGAT")
+
+
+class OptimSpec(_Strict):
+    epochs: int = Field(ge=0, le=10_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    lr: float = Field(gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    milestones: list[int] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _milestones_increase(self) -> OptimSpec:
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError("milestones must be strictly increasing")
+        if any(m < 1 for m in self.milestones):
+            raise ValueError("milestones must be epochs >= 1")
+        return self
+
+
+class AttackSpec(_Strict):
+    eps: Perturbation = 8 / 255
+    step: Perturbation = 2 / 255
+    steps: int = Field(20, ge=1, le=10_000)
+    random_start: bool = True
+
+
+class BaseSpec(_Strict):
+    method: BaseMethodName = "plain"
+    params: dict[str, float | int | bool | str] = Field(default_factory=dict, description="method-specific settings")
+    checkpoint: str | None = Field(None, description="pretrained ensemble to load instead of training one")
+    train: OptimSpec = Field(
+        default_factory=lambda: OptimSpec(epochs=200, batch_size=128, lr=0.1, milestones=[100, 150], gamma=0.1)
+    )
+    attack: AttackSpec = Field(default_factory=AttackSpec, description="per-member PGD used by pgd_at")
+
+
+class IgatSpec(_Strict):
+    enabled: bool = True
+    alpha: float = Field(5.0, ge=0.0, le=1e4, description="weight of the global adversarial loss (eq. 16)")
+    beta: float = Field(10.0, ge=0.0, le=1e4, description="weight of the misclassification regulariser (eq. 16)")
+    rule: DistributionRule = "soft"
+    regularizer: RegularizerForm = "paper"
+    regularizer_clip: float = Field(0.99, gt=0.0, lt=1.0, description="cap on the wrong-class probability in L_R")
+    misclassified_only: bool = Field(False, description="official code: charge only examples the ensemble gets wrong")
+    global_loss_mean: Literal["member", "batch"] = Field(
+        "member", description="alpha-term: mean over each member's examples (eq. 16) or summed / batch (official code)"
+    )
+    bn_mode: BnMode = "eval"
+    attack: AttackSpec = Field(default_factory=AttackSpec)
+    train: OptimSpec = Field(
+        default_factory=lambda: OptimSpec(epochs=20, batch_size=512, lr=0.01, milestones=[10], gamma=0.2)
+    )
+
+
+class EvalSpec(_Strict):
+    attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"])
+    eps: Perturbation = 8 / 255
+    step: Perturbation = 2 / 255
+    steps: int = Field(20, ge=1, le=10_000)
+    n_examples: int = Field(1000, ge=1, le=1_000_000)
+    combiners: list[Combiner] = Field(default_factory=lambda: ["average", "max"])
+    batch_size: int = Field(500, ge=1, le=65_536)
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> EvalSpec:
+        if not self.attacks:
+            raise ValueError("attacks must name at least one attack")
+        if not self.combiners:
+            raise ValueError("combiners must name at least one combiner")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(1, ge=1, le=1024)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field("experiment", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    base: BaseSpec = Field(default_factory=BaseSpec)
+    igat: IgatSpec = Field(default_factory=IgatSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; `problems` lists (field path, reason) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        super().__init__(f"invalid experiment spec {source}:\n{lines}")
+
+
+def validation_problems(error: ValidationError) -> list[tuple[str, str]]:
+    return [(".".join(str(p) for p in e["loc"]) or "(root)", e["msg"]) for e in error.errors()]
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> ExperimentSpec:
+    if not isinstance(data, dict):
+        raise SpecError(source, [("(root)", "expected a mapping of spec fields")])
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, validation_problems(exc)) from None
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), [("(file)", exc.strerror or str(exc))]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [("(yaml)", str(exc).replace("\n", " "))]) from None
+    return parse_spec(data, str(path))
+
+
+def dump_spec(spec: ExperimentSpec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
