@@ -193,7 +193,9 @@ def _read_cifar_batches(paths: list[Path], label_key: str, num_classes: int) -> 
     return x, y
 
 
-_UNREADABLE = (OSError, EOFError, pickle.UnpicklingError, ImportError, AttributeError, LookupError, TypeError, ValueError)
+_UNREADABLE = (
+    OSError, EOFError, pickle.UnpicklingError, ImportError, AttributeError, LookupError, TypeError, ValueError
+)
 
 
 @functools.lru_cache(maxsize=4)

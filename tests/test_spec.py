@@ -1,0 +1,67 @@
+"""ExperimentSpec: defaults, fractions, bounds, and the CLI's refusal of bad specs (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from igat_core.spec import ExperimentSpec, SpecError, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paper_defaults():
+    spec = ExperimentSpec()
+    assert spec.igat.alpha == 5.0 and spec.igat.beta == 10.0 and spec.igat.rule == "soft"
+    assert spec.igat.attack.eps == pytest.approx(8 / 255) and spec.igat.attack.step == pytest.approx(2 / 255)
+    assert spec.igat.attack.steps == 20 and spec.igat.attack.random_start
+    assert spec.igat.train.batch_size == 512 and spec.igat.train.lr == 0.01
+
+
+def test_fractions_are_accepted_for_perturbations():
+    spec = parse_spec({"eval": {"eps": "8/255", "step": "2 / 255"}})
+    assert spec.eval.eps == pytest.approx(8 / 255) and spec.eval.step == pytest.approx(2 / 255)
+
+
+def test_every_bad_field_is_named():
+    with pytest.raises(SpecError) as info:
+        parse_spec({"ensemble": {"members": 0, "combiner": "median"}, "igat": {"alpha": -1, "colour": 3},
+                    "eval": {"eps": "eight"}})
+    fields = {path for path, _ in info.value.problems}
+    assert {"ensemble.members", "ensemble.combiner", "igat.alpha", "igat.colour", "eval.eps"} <= fields
+
+
+def test_milestones_must_increase():
+    with pytest.raises(SpecError, match="milestones"):
+        parse_spec({"igat": {"train": {"epochs": 5, "lr": 0.1, "milestones": [4, 2]}}})
+
+
+def test_examples_are_valid_specs():
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        assert load_spec(path).name
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "igat_core.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_cli_rejects_a_bad_spec_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nensemble:\n  members: -3\nigat:\n  rule: greedy\n")
+    proc = run_cli("run", str(bad), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "ensemble.members" in proc.stderr and "igat.rule" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_unreadable_yaml_and_missing_files(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    for path in (broken, tmp_path / "missing.yaml"):
+        proc = run_cli("run", str(path))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(path.name) in proc.stderr
