@@ -26,7 +26,7 @@ BnMode = Literal["eval", "train"]
 def _parse_fraction(value: Any) -> Any:
     if isinstance(value, str):
         try:
-            return float(Fraction(value.strip()))
+            return float(Fraction(value.replace(" ", "")))
         except (ValueError, ZeroDivisionError) as exc:
             raise ValueError(f"expected a number or a fraction such as '8/255', got {value!r}") from exc
     return value
