@@ -116,14 +116,13 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
-            for key, value in out.metrics.items():
+            for key, value in {**out.metrics, "loss": float(out.loss.detach())}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(y)
             seen += len(y)
-            bar.set_postfix(loss=f"{out.metrics.get('loss', float(out.loss.detach())):.3f}")
+            bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = {"phase": phase, "epoch": epoch, "lr": lr, **{k: v / max(seen, 1) for k, v in totals.items()}}
-        metrics.setdefault("loss", metrics.get("ce", 0.0))
         metrics["seconds"] = time.perf_counter() - started
         if rank == 0:
             atomic_torch_save({
