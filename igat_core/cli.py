@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="iGAT: interactive global adversarial training for ensemble defenses.")
@@ -54,6 +55,195 @@ def run(
     if failed:
         typer.secho(f"\nSANITY CHECKS FAILED: {', '.join(failed)}", fg=typer.colors.RED)
     typer.echo(f"\nresults: {out / 'results.json'}  report: {out / 'report.md'}")
+
+
+def _register_theory_commands() -> None:
+    from igat_core.theory.cli import theory_app
+
+    app.add_typer(theory_app, name="theory")
+
+
+_register_theory_commands()
+
+
+TABLE1_DEFAULT = ["natural", "pgd", "cw", "signhunter", "autoattack"]
+
+
+def _split_names(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if names == ["all"]:
+        from igat_core.evaluate import ATTACK_ORDER
+
+        return list(ATTACK_ORDER)
+    return names
+
+
+def _eval_spec(config: Path | None, overrides: dict):
+    """The EvalSpec from --config (YAML of eval fields) with the command-line options on top."""
+    import yaml
+
+    from igat_core.spec import EvalSpec, SpecError, validation_problems
+
+    data: dict = {}
+    if config is not None:
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpecError(str(config), [("(file)", str(exc).replace("\n", " "))]) from None
+        if not isinstance(data, dict):
+            raise SpecError(str(config), [("(root)", "expected a mapping of eval fields")])
+        data = data.get("eval", data)
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    data.setdefault("attacks", TABLE1_DEFAULT)
+    if "eps" in overrides and overrides["eps"] is not None and "step" not in data:
+        from igat_core.spec import _parse_fraction
+
+        try:
+            data["step"] = float(_parse_fraction(overrides["eps"])) / 4
+        except ValueError:
+            pass
+    try:
+        return EvalSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError("(igat eval options)", [("eval." + p, r) for p, r in validation_problems(exc)]) from None
+
+
+def _checkpoint_dataset(path: Path, model_config, requested: str | None) -> str:
+    """--dataset, else the dataset the checkpoint records, else the only dataset of the checkpoint's shape."""
+    from igat_core.data import DATASETS, dataset_info
+
+    def shape(name: str) -> tuple[int, int, int, int]:
+        info = dataset_info(name)
+        return info.channels, info.height, info.width, info.num_classes
+
+    expected = (model_config.in_channels, model_config.height, model_config.width_px, model_config.num_classes)
+    name = requested or model_config.dataset
+    if name is None:
+        matches = [d for d in DATASETS if shape(d) == expected]
+        if len(matches) != 1:
+            raise ValueError(f"{path} does not record its dataset; pass --dataset NAME (one of {', '.join(DATASETS)})")
+        typer.echo(f"{path} does not record its dataset; its input shape matches {matches[0]!r} (--dataset overrides)")
+        name = matches[0]
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if shape(name) != expected:
+        raise ValueError(f"{path} takes {expected[0]}x{expected[1]}x{expected[2]} images with {expected[3]} classes, "
+                         f"but {name} has {shape(name)[0]}x{shape(name)[1]}x{shape(name)[2]} with {shape(name)[3]}")
+    return name
+
+
+def _load_checkpoint(path: Path):
+    import torch
+
+    from igat_core.ensemble import ensemble_from_checkpoint
+
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return ensemble_from_checkpoint(payload).eval()
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"{path} is not a readable igat ensemble checkpoint ({exc})") from None
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a saved ensemble (ensemble.pt)")],
+    out: Annotated[Path, typer.Option("--out", help="directory for results.json, report.md and plots/")],
+    attacks: Annotated[list[str] | None, typer.Option(
+        "--attacks", help="comma-separated or repeated: natural, pgd, cw, mim, autoattack, signhunter, simba, "
+                          "bandits, or all (default: natural,pgd,cw,signhunter,autoattack)")] = None,
+    combiner: Annotated[str, typer.Option("--combiner", help="average, max or both")] = "both",
+    eps: Annotated[str | None, typer.Option("--eps", help="L-inf radius, e.g. 8/255 (default: 8/255)")] = None,
+    step: Annotated[str | None, typer.Option(
+        "--step", help="PGD/CW/MIM step (default: eps/4 with --eps, else 2/255)")] = None,
+    n_examples: Annotated[int | None, typer.Option(
+        "--n-examples", help="equidistant test examples (default: 1000)")] = None,
+    eps_sweep: Annotated[bool, typer.Option("--eps-sweep", help="also sweep eps (2..10/255, AutoAttack)")] = False,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="test data (default: the checkpoint's)")] = None,
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="a second checkpoint (e.g. the base ensemble): adds its row and Table 2")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML of eval settings (spec's eval section)")]
+    = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Evaluate a saved ensemble under both combiners; writes DIR/results.json and DIR/report.md. Reruns resume."""
+    from igat_core.spec import SpecError
+
+    combiners = {"both": ["average", "max"], "average": ["average"], "max": ["max"]}
+    if combiner not in combiners:
+        raise fail(f"--combiner must be average, max or both, got {combiner!r}", code=2)
+    try:
+        spec = _eval_spec(config, {"attacks": _split_names(attacks), "combiners": combiners[combiner], "eps": eps,
+                                   "step": step, "n_examples": n_examples, "eps_sweep": eps_sweep or None,
+                                   "batch_size": batch_size})
+    except SpecError as exc:
+        raise fail(str(exc), code=2) from None
+
+    import time
+
+    from igat_core.data import DatasetUnavailable, equidistant_indices, load_dataset
+    from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record, relative_improvement
+    from igat_core.report import (accuracy_table, extra_table, failed_checks, improvement_table, sweep_table,
+                                  write_report)
+    from igat_core.runner import resolve_device, write_json_atomic
+
+    try:
+        models = {"model": _load_checkpoint(checkpoint)}
+        if baseline is not None:
+            models = {"baseline": _load_checkpoint(baseline), **models}
+        name = _checkpoint_dataset(checkpoint, models["model"].config, dataset)
+        if baseline is not None:
+            _checkpoint_dataset(baseline, models["baseline"].config, name)
+        torch_device = resolve_device(device)
+        test = load_dataset(name, "test")
+    except (ValueError, RuntimeError, DatasetUnavailable) as exc:
+        raise fail(f"igat eval: {exc}", code=2) from None
+
+    idx = equidistant_indices(len(test.labels), spec.n_examples)
+    images, labels = test.images[idx], test.labels[idx]
+    eval_config = EvalConfig.from_spec(spec, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    evaluations = {m: evaluate_ensemble(e, images, labels, eval_config, device=torch_device, progress=not quiet,
+                                        desc=f"evaluate {m}", state_dir=out / "eval_state")
+                   for m, e in models.items()}
+    record = evaluation_record(evaluations, eval_config, len(labels))
+    evaluation = {"eps": spec.eps, "n_examples": len(labels), **record["accuracy"]}
+    if "eps_sweep" in record:
+        evaluation["eps_sweep"] = record["eps_sweep"]
+    results = {
+        "name": f"igat eval {checkpoint}",
+        "checkpoint": str(checkpoint), "dataset": name, "seed": seed,
+        "spec": {"eval": spec.model_dump(mode="json")},
+        "evaluation": evaluation,
+        "improvement": relative_improvement(record["accuracy"]["baseline"], record["accuracy"]["model"])
+        if baseline is not None else {},
+        "improvement_label": "model vs baseline",
+        "attack_cost": record["cost"],
+        "sanity": record["sanity"],
+        "timing": {"evaluate": time.perf_counter() - started},
+        "artifacts": {m: str(p) for m, p in (("model", checkpoint), ("baseline", baseline)) if p is not None},
+        "device": str(torch_device),
+    }
+    write_json_atomic(out / "results.json", results)
+    write_report(results, out)
+    typer.echo(f"\n{checkpoint} on {name}: accuracy (%) on {len(labels)} test examples, "
+               f"eps {spec.eps * 255:.2f}/255\n")
+    for title, table in (("Table 1", accuracy_table(results)), ("Further attacks, union", extra_table(results)),
+                         ("Table 2: relative improvement (%)", improvement_table(results)),
+                         ("Accuracy against eps", sweep_table(results))):
+        if table:
+            typer.echo(f"{title}\n{table}\n")
+    failed = failed_checks(results)
+    if failed:
+        typer.secho(f"SANITY CHECKS FAILED: {', '.join(failed)} (see {out / 'report.md'})", fg=typer.colors.RED)
+    typer.echo(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
 
 
 def _register_service_commands() -> None:

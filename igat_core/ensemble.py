@@ -3,6 +3,10 @@
 The ensemble's output is log(c(h^1, ..., h^N)) clamped at 1e-40, where c is the average or the element-wise max
 of the members' softmax outputs (section 5). CE on it is the negative log of the combined true-class score, and it
 is what attacks (and torchattacks / AutoAttack) are given as "logits".
+
+Members with SoE's auxiliary head (`ModelConfig.aux_head`) also allow the `routed` combiner, SoE's own inference:
+per example the member with the highest routing score max_c h^i_c(x) * sigmoid(g^i(x)) answers alone, and the
+output is that member's log-softmax. The average and max combiners ignore the auxiliary head.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from igat_core.models import ModelConfig, Normalized, build_model
+from igat_core.models import MemberOutput, ModelConfig, Normalized, build_model
 
 Combiner = Literal["average", "max"]
 COMBINERS: tuple[str, ...] = ("average", "max")
+ROUTED = "routed"
 LOG_PROB_FLOOR = math.log(1e-40)
 CHECKPOINT_FORMAT = "igat-ensemble/1"
 
@@ -45,13 +50,31 @@ def combine_probs(member_probs: torch.Tensor, combiner: str) -> torch.Tensor:
     raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
 
 
+def routing_scores(member_logits: torch.Tensor, member_aux: torch.Tensor) -> torch.Tensor:
+    """(N, B, C) logits, (N, B) auxiliary logits -> (N, B) SoE routing scores max_c softmax(z)_c * sigmoid(g)."""
+    return torch.softmax(member_logits, dim=-1).amax(dim=-1) * torch.sigmoid(member_aux)
+
+
+def routed_log_probs(member_logits: torch.Tensor, member_aux: torch.Tensor) -> torch.Tensor:
+    """(B, C) log-softmax of the member with the highest routing score per example (SoE inference)."""
+    chosen = routing_scores(member_logits, member_aux).argmax(dim=0).detach()
+    picked = member_logits.gather(0, chosen.view(1, -1, 1).expand(1, *member_logits.shape[1:])).squeeze(0)
+    return torch.log_softmax(picked, dim=-1).clamp_min(LOG_PROB_FLOOR)
+
+
+def check_combiner(combiner: str, config: ModelConfig) -> None:
+    if combiner == ROUTED and not config.aux_head:
+        raise ValueError("the 'routed' combiner needs members with an auxiliary head (SoE: ModelConfig.aux_head)")
+    if combiner not in COMBINERS and combiner != ROUTED:
+        raise ValueError(f"combiner must be one of {COMBINERS} (or {ROUTED!r} for SoE members), got {combiner!r}")
+
+
 class Ensemble(nn.Module):
     def __init__(self, config: ModelConfig, members: int, combiner: str = "average"):
         super().__init__()
         if members < 1:
             raise ValueError("an ensemble needs at least one member")
-        if combiner not in COMBINERS:
-            raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+        check_combiner(combiner, config)
         self.config = config
         self.combiner = combiner
         self.members = nn.ModuleList(build_model(config) for _ in range(members))
@@ -68,16 +91,28 @@ class Ensemble(nn.Module):
         """(N, B, C) softmax probabilities of every member."""
         return torch.softmax(self.member_logits(x), dim=-1)
 
+    def member_outputs(self, x: torch.Tensor) -> list[MemberOutput]:
+        """Every member's logits, hidden pre-activation and auxiliary score from one forward pass each."""
+        return [m.forward_all(x) for m in self.members]
+
+    def member_logits_and_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, B, C) logits and (N, B) auxiliary-head logits (SoE members only)."""
+        outputs = self.member_outputs(x)
+        if any(o.aux is None for o in outputs):
+            raise ValueError("these members have no auxiliary head (SoE: ModelConfig.aux_head)")
+        return torch.stack([o.logits for o in outputs]), torch.stack([o.aux for o in outputs])  # type: ignore[misc]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.combiner == ROUTED:
+            return routed_log_probs(*self.member_logits_and_aux(x))
         return combine_log_probs(self.member_logits(x), self.combiner)
 
     def with_combiner(self, combiner: str) -> Ensemble:
         """A view sharing these members that combines with `combiner`."""
+        check_combiner(combiner, self.config)
         view = Ensemble.__new__(Ensemble)
         nn.Module.__init__(view)
         view.config, view.combiner, view.members = self.config, combiner, self.members
-        if combiner not in COMBINERS:
-            raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
         view.train(self.training)
         return view
 

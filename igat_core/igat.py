@@ -126,6 +126,27 @@ class IgatObjective:
         self.base = base
         self.config = config
 
+    # the base method's training hooks (defenses.base.MethodHooks); L_E runs as fine-tuning here
+    def setup(self, ensemble: Ensemble) -> None:
+        self.base.setup(ensemble)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.base.parameters()
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state)
+
+    def to(self, device: torch.device | str) -> IgatObjective:
+        self.base.to(device)
+        return self
+
+    def start_epoch(self, ensemble: Ensemble, epoch: int, epochs: int, generator: torch.Generator | None = None,
+                    finetuning: bool = True) -> None:
+        self.base.start_epoch(ensemble, epoch, epochs, generator, finetuning=True)
+
     def __call__(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> LossOutput:
         c = self.config

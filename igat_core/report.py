@@ -1,20 +1,32 @@
-"""results.json -> report.md: the accuracy tables laid out as the paper's Tables 1 and 2."""
+"""results.json -> report.md and plots/: the sanity checks first, then the accuracy tables laid out as the paper's
+Table 1 (rows: models; columns: natural, PGD, CW, SH, AA under each combiner) and Table 2 (relative improvement),
+the supplement's extra attacks (SimBA, Bandits) and eps sweep (supplement Table 2), and accuracy against eps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 ATTACK_TITLES = {"natural": "Natural", "pgd": "PGD", "cw": "CW", "signhunter": "SH", "autoattack": "AA",
-                 "simba": "SimBA", "bandits": "Bandits", "union": "Union"}
-MODEL_TITLES = {"base": "base", "igat": "iGAT"}
+                 "mim": "MIM", "simba": "SimBA", "bandits": "Bandits", "union": "Union"}
+TABLE1_ATTACKS = ("natural", "pgd", "cw", "signhunter", "autoattack")
+EXTRA_ATTACKS = ("mim", "simba", "bandits", "union")
+MODEL_TITLES = {"base": "base", "baseline": "baseline", "igat": "iGAT", "model": "model"}
+COMBINERS = ("average", "max")
+SWEEP_PLOT = "plots/accuracy_vs_eps.png"
+DIAGNOSTICS_PLOT = "plots/diagnostics.png"
 
 
-def _attacks(evaluation: dict) -> list[str]:
-    seen: list[str] = []
-    for model in MODEL_TITLES:
-        for acc in evaluation.get(model, {}).values():
-            seen += [a for a in acc if a not in seen]
-    return [a for a in ATTACK_TITLES if a in seen]
+def _models(evaluation: dict) -> list[str]:
+    return [m for m in MODEL_TITLES if isinstance(evaluation.get(m), dict)]
+
+
+def _combiners(evaluation: dict) -> list[str]:
+    return [c for c in COMBINERS if any(c in evaluation[m] for m in _models(evaluation))]
+
+
+def _present(evaluation: dict, wanted: tuple[str, ...]) -> list[str]:
+    seen = {a for m in _models(evaluation) for acc in evaluation[m].values() for a in acc}
+    return [a for a in wanted if a in seen]
 
 
 def _cell(value: float | None, signed: bool = False) -> str:
@@ -23,58 +35,157 @@ def _cell(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def accuracy_table(results: dict) -> str:
-    """Table 1 shape: one row per model, natural and attacked accuracy (%) under each combiner."""
+def _eps_title(eps: float) -> str:
+    return f"{eps * 255:g}/255"
+
+
+def _grid(results: dict, attacks: list[str]) -> str:
     evaluation = results["evaluation"]
-    attacks = _attacks(evaluation)
-    combiners = [c for c in ("average", "max") if any(c in evaluation.get(m, {}) for m in MODEL_TITLES)]
+    combiners = _combiners(evaluation)
     header = "| model | " + " | ".join(f"{c} {ATTACK_TITLES[a]}" for c in combiners for a in attacks) + " |"
-    rule = "|---|" + "---:|" * (len(combiners) * len(attacks))
-    rows = [header, rule]
-    for model, title in MODEL_TITLES.items():
-        if model in evaluation:
-            cells = [_cell(evaluation[model].get(c, {}).get(a)) for c in combiners for a in attacks]
-            rows.append(f"| {title} | " + " | ".join(cells) + " |")
+    rows = [header, "|---|" + "---:|" * (len(combiners) * len(attacks))]
+    for model in _models(evaluation):
+        cells = [_cell(evaluation[model].get(c, {}).get(a)) for c in combiners for a in attacks]
+        rows.append(f"| {MODEL_TITLES[model]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
+def accuracy_table(results: dict) -> str:
+    """Table 1: one row per model, natural, PGD, CW, SH and AA accuracy (%) under each combiner (those that ran)."""
+    attacks = _present(results["evaluation"], TABLE1_ATTACKS)
+    return _grid(results, attacks) if attacks else ""
+
+
+def extra_table(results: dict) -> str:
+    """MIM, SimBA and Bandits (supplement Table 1) and the per-example union over every attack, Table 1's layout."""
+    attacks = _present(results["evaluation"], EXTRA_ATTACKS)
+    return _grid(results, attacks) if attacks else ""
+
+
 def improvement_table(results: dict) -> str:
-    """Table 2 shape: (iGAT - base) / base x 100 per combiner and attack."""
+    """Table 2: (enhanced - original) / original x 100 for each combiner and attack, one row."""
     improvement = results.get("improvement") or {}
     if not improvement:
         return ""
-    attacks = [a for a in ATTACK_TITLES if any(a in v for v in improvement.values())]
-    header = "| combiner | " + " | ".join(ATTACK_TITLES[a] for a in attacks) + " |"
-    rows = [header, "|---|" + "---:|" * len(attacks)]
-    for combiner, values in improvement.items():
-        rows.append(f"| {combiner} | " + " | ".join(_cell(values.get(a), signed=True) for a in attacks) + " |")
+    combiners = [c for c in COMBINERS if c in improvement]
+    attacks = [a for a in (*TABLE1_ATTACKS, *EXTRA_ATTACKS) if any(a in improvement[c] for c in combiners)]
+    label = results.get("improvement_label", "iGAT vs base")
+    header = "| | " + " | ".join(f"{c} {ATTACK_TITLES[a]}" for c in combiners for a in attacks) + " |"
+    cells = [_cell(improvement[c].get(a), signed=True) for c in combiners for a in attacks]
+    return "\n".join([header, "|---|" + "---:|" * len(cells), f"| {label} | " + " | ".join(cells) + " |"])
+
+
+def sweep_table(results: dict) -> str:
+    """Supplement Table 2: accuracy (%) under the sweep attack at each eps, one row per model and combiner."""
+    sweep = results["evaluation"].get("eps_sweep")
+    if not sweep:
+        return ""
+    header = "| model | combiner | " + " | ".join(_eps_title(e) for e in sweep["eps"]) + " |"
+    rows = [header, "|---|---|" + "---:|" * len(sweep["eps"])]
+    for model in MODEL_TITLES:
+        for combiner, values in sweep["accuracy"].get(model, {}).items():
+            rows.append(f"| {MODEL_TITLES[model]} | {combiner} | " + " | ".join(_cell(v) for v in values) + " |")
+    return "\n".join(rows)
+
+
+def cost_table(results: dict) -> str:
+    """Mean gradients (white-box) or forward queries (black-box) per attacked example."""
+    cost = results.get("attack_cost") or {}
+    attacks = [a for a in ATTACK_TITLES if any(a in by_c for by_m in cost.values() for by_c in by_m.values())]
+    if not attacks:
+        return ""
+    rows = ["| model | combiner | " + " | ".join(ATTACK_TITLES[a] for a in attacks) + " |",
+            "|---|---|" + "---:|" * len(attacks)]
+    for model in MODEL_TITLES:
+        for combiner, values in cost.get(model, {}).items():
+            cells = [f"{values[a]:.0f}" if a in values else "" for a in attacks]
+            rows.append(f"| {MODEL_TITLES[model]} | {combiner} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def sanity_lines(results: dict) -> list[str]:
-    return [f"- {'PASS' if c['passed'] else 'FAIL'} `{name}`: {c['detail']}" for name, c in results["sanity"].items()]
+    return [f"- {'PASS' if c['passed'] else '**FAIL**'} `{name}`: {c['detail']}"
+            for name, c in results["sanity"].items()]
+
+
+def failed_checks(results: dict) -> list[str]:
+    return [name for name, c in results.get("sanity", {}).items() if not c["passed"]]
 
 
 def render_report(results: dict) -> str:
     evaluation = results["evaluation"]
-    failed = [name for name, c in results["sanity"].items() if not c["passed"]]
+    failed = failed_checks(results)
     parts = [f"# {results['name']}", ""]
     if failed:
-        parts += [f"**SANITY CHECKS FAILED: {', '.join(failed)}. Do not trust these numbers.**", ""]
-    parts += [
-        f"Accuracy (%) on {evaluation['n_examples']} equidistant test examples, L-inf eps = {evaluation['eps']:.5f} "
-        f"({evaluation['eps'] * 255:.2f}/255).", "", "## Accuracy (Table 1 layout)", "", accuracy_table(results), "",
-    ]
-    table2 = improvement_table(results)
-    if table2:
-        parts += ["## Relative improvement by iGAT, % (Table 2 layout)", "", table2, ""]
-    parts += ["## Sanity checks", "", *sanity_lines(results), "", "## Timing (seconds)", ""]
-    parts += [f"- {phase}: {seconds:.1f}" for phase, seconds in results["timing"].items()]
-    parts += ["", f"Checkpoints: {', '.join(f'`{p}`' for p in results['artifacts'].values())}", ""]
+        parts += [f"**SANITY CHECKS FAILED: {', '.join(failed)}. The numbers below are shown unchanged; read them "
+                  "with the failed checks in mind.**", ""]
+    parts += ["## Sanity checks", "", *(sanity_lines(results) or ["- (none ran)"]), ""]
+    parts += [f"Accuracy (%) on {evaluation['n_examples']} equidistant test examples, L-inf eps = "
+              f"{evaluation['eps']:.5f} ({_eps_title(evaluation['eps'])}).", ""]
+    for title, table in (("Accuracy (Table 1 layout)", accuracy_table(results)),
+                         ("Further attacks and the union over all attacks", extra_table(results)),
+                         ("Relative improvement, % (Table 2 layout)", improvement_table(results))):
+        if table:
+            parts += [f"## {title}", "", table, ""]
+    sweep = sweep_table(results)
+    if sweep:
+        attack = ATTACK_TITLES[evaluation["eps_sweep"]["attack"]]
+        parts += [f"## Accuracy (%) against eps under {attack} (supplement Table 2 layout)", "", sweep, "",
+                  f"![accuracy against eps]({SWEEP_PLOT})", ""]
+    if results.get("diagnostics"):
+        from igat_core.theory.diagnostics import diagnostics_table
+
+        first = next(iter(results["diagnostics"].values()))
+        parts += ["## Diagnostics on global adversarial examples (supplement Tables 4-8)", "",
+                  f"{first['n_examples']} examples, PGD-{first['attack']['steps']} on the {first['combiner']} "
+                  f"combiner at eps {first['attack']['eps']:.5f}.", "",
+                  diagnostics_table(results["diagnostics"]), "", f"![diagnostics]({DIAGNOSTICS_PLOT})", ""]
+    cost = cost_table(results)
+    if cost:
+        parts += ["## Mean gradients or queries per attacked example", "", cost, ""]
+    if results.get("timing"):
+        parts += ["## Timing (seconds)", "", *[f"- {p}: {s:.1f}" for p, s in results["timing"].items()], ""]
+    if results.get("artifacts"):
+        parts += [f"Checkpoints: {', '.join(f'`{p}`' for p in results['artifacts'].values())}", ""]
     return "\n".join(parts)
 
 
+def plot_sweep(results: dict, path: str | Path) -> Path | None:
+    """Accuracy against eps, one line per model and combiner; None when no sweep ran."""
+    sweep = results["evaluation"].get("eps_sweep")
+    if not sweep:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ticks = [e * 255 for e in sweep["eps"]]
+    for model in MODEL_TITLES:
+        for combiner, values in sweep["accuracy"].get(model, {}).items():
+            ax.plot(ticks, values, marker="o", linestyle="-" if combiner == "average" else "--",
+                    label=f"{MODEL_TITLES[model]} ({combiner})")
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel(f"accuracy under {ATTACK_TITLES[sweep['attack']]} (%)")
+    ax.set_xticks(ticks)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: dict, out: str | Path) -> Path:
-    path = Path(out) / "report.md"
+    out = Path(out)
+    plot_sweep(results, out / SWEEP_PLOT)
+    if results.get("diagnostics"):
+        from igat_core.theory.plots import plot_diagnostics
+
+        plot_diagnostics(results["diagnostics"], out / DIAGNOSTICS_PLOT)
+    path = out / "report.md"
     path.write_text(render_report(results))
     return path

@@ -10,24 +10,26 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from igat_core.data import Split, dataset_info, equidistant_indices, load_dataset
-from igat_core.defenses import build_method
+from igat_core.defenses import DEFENSES, build_method
 from igat_core.ensemble import Ensemble, import_dverge_checkpoint, load_ensemble
-from igat_core.evaluate import EvalConfig, evaluate_ensemble, relative_improvement
+from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record, relative_improvement
 from igat_core.igat import IgatConfig, IgatObjective
 from igat_core.models import ModelConfig
 from igat_core.report import write_report
-from igat_core.spec import ExperimentSpec, OptimSpec, dump_spec, load_spec
-from igat_core.train import TrainConfig, fit, restore_ensemble
+from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, dump_spec, load_spec
+from igat_core.train import FitFn, FitRequest, TrainConfig, load_last_checkpoint, local_fit, restore_ensemble
 
 BASE_CHECKPOINT = "checkpoints/base/ensemble.pt"
 IGAT_CHECKPOINT = "checkpoints/igat/ensemble.pt"
+TUNE_RESULTS = "tune.json"
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -48,18 +50,22 @@ def model_config(spec: ExperimentSpec) -> ModelConfig:
     info = dataset_info(spec.dataset.name)
     e = spec.ensemble
     return ModelConfig(e.architecture, info.num_classes, info.channels, info.height, info.width, info.mean, info.std,
-                       e.activation, e.width)
+                       e.activation, e.width, dataset=spec.dataset.name)
 
 
 def train_config(optim: OptimSpec, spec: ExperimentSpec, seed_offset: int) -> TrainConfig:
     augment = spec.dataset.augment if spec.dataset.augment is not None else spec.dataset.name.startswith("cifar")
     return TrainConfig(optim.epochs, optim.batch_size, optim.lr, optim.momentum, optim.weight_decay,
-                       tuple(optim.milestones), optim.gamma, augment, spec.seed + seed_offset)
+                       tuple(optim.milestones), optim.gamma, augment, spec.seed + seed_offset, optim.optimizer)
 
 
 def igat_config(spec: ExperimentSpec) -> IgatConfig:
+    """iGAT settings; alpha/beta not given in the spec take the base method's defaults (section 6.1)."""
     g = spec.igat
-    return IgatConfig(alpha=g.alpha, beta=g.beta, rule=g.rule, regularizer=g.regularizer,
+    default_alpha, default_beta = DEFENSES[spec.base.method].igat_defaults
+    alpha = default_alpha if g.alpha is None else g.alpha
+    beta = default_beta if g.beta is None else g.beta
+    return IgatConfig(alpha=alpha, beta=beta, rule=g.rule, regularizer=g.regularizer,
                       regularizer_clip=g.regularizer_clip, misclassified_only=g.misclassified_only,
                       global_loss_mean=g.global_loss_mean, combiner=spec.ensemble.combiner, eps=g.attack.eps,
                       step=g.attack.step, steps=g.attack.steps, random_start=g.attack.random_start, bn_mode=g.bn_mode)
@@ -71,10 +77,15 @@ def eval_config(spec: ExperimentSpec) -> EvalConfig:
 
 
 def base_method_params(spec: ExperimentSpec) -> dict:
+    """`base.params`, plus `base.attack` for pgd_at; other methods set their PGD through `base.params`."""
     params = dict(spec.base.params)
+    a = spec.base.attack
     if spec.base.method == "pgd_at":
-        a = spec.base.attack
-        params = {"eps": a.eps, "step": a.step, "steps": a.steps, "random_start": a.random_start, **params}
+        return {"eps": a.eps, "step": a.step, "steps": a.steps, "random_start": a.random_start, **params}
+    if a != AttackSpec():
+        names = DEFENSES[spec.base.method].attack_params
+        hint = f"; set {', '.join(names.values())} in base.params instead" if names else ""
+        raise ValueError(f"base.attack applies to pgd_at only, not to base method {spec.base.method!r}{hint}")
     return params
 
 
@@ -108,11 +119,20 @@ class RunLog:
         os.replace(tmp, path)
 
 
+TunePhase = Callable[["Runner", Split], dict]
+
+
 class Runner:
-    def __init__(self, spec: ExperimentSpec, out: str | Path, *, progress: bool = True):
+    """`fit_fn` runs each training phase (default: in this process); `tune_fn` runs the alpha/beta search of
+    `spec.tune` and returns results.json's `tune` record (the Ray workers supply both: workers.runner)."""
+
+    def __init__(self, spec: ExperimentSpec, out: str | Path, *, progress: bool = True, fit_fn: FitFn = local_fit,
+                 tune_fn: TunePhase | None = None):
         self.spec = spec
         self.out = Path(out)
         self.progress = progress
+        self.fit_fn = fit_fn
+        self.tune_fn = tune_fn
         self.device = resolve_device(spec.resources.device)
         self.log = RunLog(self.out)
         self.state_path = self.out / "state.json"
@@ -132,6 +152,9 @@ class Runner:
 
     # -- phases --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.spec.tune.enabled and self.tune_fn is None:
+            raise ValueError("tune.enabled: the alpha/beta search runs on Ray Tune; submit the spec to the service "
+                             "(igat submit) or run `python -m workers.runner SPEC.yaml`, or set tune.enabled: false")
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_same_spec()
         self.log.event("run", "started", f"run {self.spec.name} on {self.device}")
@@ -141,6 +164,8 @@ class Runner:
                              train_limit=d.train_limit)
         if not self._done("pretrain"):
             self._pretrain(train)
+        if self.spec.tune.enabled and not self._done("tune"):
+            self._tune(train)
         if self.spec.igat.enabled and not self._done("igat"):
             self._igat(train)
         if not self._done("evaluate"):
@@ -171,8 +196,8 @@ class Runner:
         self.log.event(phase, "started", f"{phase}: epochs {resumed_epoch + 1}..{optim.epochs}",
                        resumed_from_epoch=resumed_epoch)
         started = time.perf_counter()
-        fit(ensemble, objective, train, config, ckpt_dir, device=self.device,
-            report=lambda m, _: self.log.metrics(m), progress=self.progress, phase=phase)
+        self.fit_fn(FitRequest(phase, ensemble, objective, train, config, ckpt_dir, self.device,
+                               lambda m, _: self.log.metrics(m), self.progress))
         ensemble.cpu().save(ckpt_dir / "ensemble.pt")
         return time.perf_counter() - started
 
@@ -185,9 +210,10 @@ class Runner:
             ensemble.save(self.out / BASE_CHECKPOINT)
             self._finish_phase("pretrain", time.perf_counter() - started, loaded=base.checkpoint)
             return
-        torch.manual_seed(self.spec.seed)
-        ensemble = Ensemble(model_config(self.spec), self.spec.ensemble.members, self.spec.ensemble.combiner)
         method = build_method(base.method, base_method_params(self.spec))
+        torch.manual_seed(self.spec.seed)
+        ensemble = Ensemble(method.configure_model(model_config(self.spec)), self.spec.ensemble.members,
+                            self.spec.ensemble.combiner)
         seconds = self._fit("pretrain", ensemble, method, train, base.train, seed_offset=0, checkpoint_name="base")
         self._finish_phase("pretrain", seconds)
 
@@ -200,10 +226,30 @@ class Runner:
     def _igat(self, train: Split) -> None:
         ensemble = load_ensemble(self.out / BASE_CHECKPOINT, self.spec.ensemble.combiner)
         method = build_method(self.spec.base.method, base_method_params(self.spec))
-        objective = IgatObjective(method, igat_config(self.spec))
+        pretrained = load_last_checkpoint(self.out / "checkpoints" / "base")
+        if pretrained is not None and pretrained.get("method"):
+            method.load_state_dict(pretrained["method"])
+        objective = IgatObjective(method, self.tuned_igat_config())
         seconds = self._fit("igat", ensemble, objective, train, self.spec.igat.train, seed_offset=1,
                             checkpoint_name="igat")
         self._finish_phase("igat", seconds)
+
+    def _tune(self, train: Split) -> None:
+        assert self.tune_fn is not None
+        self.log.event("tune", "started", f"alpha/beta search ({self.spec.tune.mode}) on the validation split")
+        started = time.perf_counter()
+        record = self.tune_fn(self, train)
+        write_json_atomic(self.out / TUNE_RESULTS, record)
+        chosen = record["chosen"]
+        self._finish_phase("tune", time.perf_counter() - started, alpha=chosen["alpha"], beta=chosen["beta"])
+
+    def tuned_igat_config(self) -> IgatConfig:
+        """igat_config(spec), with the pair chosen by the search when one ran."""
+        config = igat_config(self.spec)
+        tuned = self._state()["phases"].get("tune", {})
+        if tuned.get("done"):
+            config = replace(config, alpha=float(tuned["alpha"]), beta=float(tuned["beta"]))
+        return config
 
     def _evaluate(self) -> None:
         self.log.event("evaluate", "started", "evaluating on the test split")
@@ -211,25 +257,44 @@ class Runner:
         test = load_dataset(self.spec.dataset.name, "test")
         idx = equidistant_indices(len(test.labels), self.spec.eval.n_examples)
         images, labels = test.images[idx], test.labels[idx]
-        config = eval_config(self.spec)
+        config = EvalConfig.from_spec(self.spec.eval, self.spec.seed)
         evaluation = {}
         for model, rel in (("base", BASE_CHECKPOINT), ("igat", IGAT_CHECKPOINT)):
             if (self.out / rel).exists() and (model == "base" or self.spec.igat.enabled):
                 ensemble = load_ensemble(self.out / rel)
                 evaluation[model] = evaluate_ensemble(ensemble, images, labels, config, device=self.device,
-                                                      progress=self.progress, desc=f"evaluate {model}")
-        write_json_atomic(self.out / "evaluation.json", {
-            "accuracy": {m: e.accuracy for m, e in evaluation.items()},
-            "sanity": {f"{m}.{c.name}": c.to_dict() for m, e in evaluation.items() for c in e.sanity},
-            "n_examples": len(labels),
-        })
+                                                      progress=self.progress, desc=f"evaluate {model}",
+                                                      state_dir=self.out / "eval_state")
+        record = evaluation_record(evaluation, config, len(labels))
+        record["diagnostics"] = self._diagnostics(images, labels)
+        write_json_atomic(self.out / "evaluation.json", record)
         self._finish_phase("evaluate", time.perf_counter() - started)
+
+    def _diagnostics(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Supplement Tables 4-8 and the curvature of every trained ensemble, on `diagnostics_examples` of the
+        evaluated examples."""
+        from igat_core.theory.diagnostics import ensemble_diagnostics
+
+        e = self.spec.eval
+        if e.diagnostics_examples == 0:
+            return {}
+        idx = equidistant_indices(len(labels), min(e.diagnostics_examples, len(labels)))
+        diagnostics = {}
+        for model, rel in (("base", BASE_CHECKPOINT), ("igat", IGAT_CHECKPOINT)):
+            if (self.out / rel).exists() and (model == "base" or self.spec.igat.enabled):
+                self.log.event("evaluate", "diagnostics", f"supplement Tables 4-8 for {model}")
+                diagnostics[model] = ensemble_diagnostics(load_ensemble(self.out / rel), images[idx], labels[idx],
+                                                          combiner="average", eps=e.eps, step=e.step, steps=e.steps,
+                                                          device=self.device, seed=self.spec.seed)
+        return diagnostics
 
     def _results(self) -> dict:
         state = self._state()
         evaluation_file = json.loads((self.out / "evaluation.json").read_text())
         accuracy = evaluation_file["accuracy"]
         evaluation: dict = {"eps": self.spec.eval.eps, "n_examples": evaluation_file["n_examples"], **accuracy}
+        if evaluation_file.get("eps_sweep"):
+            evaluation["eps_sweep"] = evaluation_file["eps_sweep"]
         improvement = relative_improvement(accuracy["base"], accuracy["igat"]) if "igat" in accuracy else {}
         artifacts = {"base_checkpoint": BASE_CHECKPOINT}
         if "igat" in accuracy:
@@ -239,15 +304,17 @@ class Runner:
             "spec": self.spec.model_dump(mode="json"),
             "evaluation": evaluation,
             "improvement": improvement,
-            "diagnostics": {},
+            "attack_cost": evaluation_file.get("cost", {}),
+            "diagnostics": evaluation_file.get("diagnostics", {}),
             "sanity": evaluation_file["sanity"],
             "timing": {phase: info["seconds"] for phase, info in state["phases"].items()},
-            "tune": None,
+            "tune": json.loads((self.out / TUNE_RESULTS).read_text()) if (self.out / TUNE_RESULTS).exists() else None,
             "artifacts": artifacts,
             "device": str(self.device),
             "torch": torch.__version__,
         }
 
 
-def run_experiment(spec: ExperimentSpec, out: str | Path, *, progress: bool = True) -> dict:
-    return Runner(spec, out, progress=progress).run()
+def run_experiment(spec: ExperimentSpec, out: str | Path, *, progress: bool = True, fit_fn: FitFn = local_fit,
+                   tune_fn: TunePhase | None = None) -> dict:
+    return Runner(spec, out, progress=progress, fit_fn=fit_fn, tune_fn=tune_fn).run()

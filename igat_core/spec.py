@@ -16,10 +16,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 DatasetName = Literal["digits", "mnist5k", "cifar10", "cifar100", "synthetic"]
 Architecture = Literal["resnet20", "small_cnn", "mlp"]
 Combiner = Literal["average", "max"]
-BaseMethodName = Literal["plain", "pgd_at"]
+BaseMethodName = Literal["plain", "pgd_at", "adp", "gal", "dverge", "trs", "soe", "cldl"]
 DistributionRule = Literal["soft", "hard", "random", "opposite"]
 RegularizerForm = Literal["paper", "per_member"]
-AttackName = Literal["natural", "pgd"]
+AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
+SweepAttackName = Literal["pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
 BnMode = Literal["eval", "train"]
 
 
@@ -55,6 +56,8 @@ class EnsembleSpec(_Strict):
 
 
 class OptimSpec(_Strict):
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="adam: the ADP/GAL/TRS/CLDL authors' choice "
+                                              "(momentum unused)")
     epochs: int = Field(ge=0, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
     lr: float = Field(gt=0.0, le=10.0)
@@ -86,13 +89,16 @@ class BaseSpec(_Strict):
     train: OptimSpec = Field(
         default_factory=lambda: OptimSpec(epochs=200, batch_size=128, lr=0.1, milestones=[100, 150], gamma=0.1)
     )
-    attack: AttackSpec = Field(default_factory=AttackSpec, description="per-member PGD used by pgd_at")
+    attack: AttackSpec = Field(default_factory=AttackSpec, description="per-member PGD used by pgd_at (other "
+                               "methods take their PGD settings in params)")
 
 
 class IgatSpec(_Strict):
     enabled: bool = True
-    alpha: float = Field(5.0, ge=0.0, le=1e4, description="weight of the global adversarial loss (eq. 16)")
-    beta: float = Field(10.0, ge=0.0, le=1e4, description="weight of the misclassification regulariser (eq. 16)")
+    alpha: float | None = Field(None, ge=0.0, le=1e4, description="weight of the global adversarial loss (eq. 16); "
+                                "default: the base method's (5; SoE 0.25)")
+    beta: float | None = Field(None, ge=0.0, le=1e4, description="weight of the misclassification regulariser "
+                               "(eq. 16); default: the base method's (10; SoE 0.5)")
     rule: DistributionRule = "soft"
     regularizer: RegularizerForm = "paper"
     regularizer_clip: float = Field(0.99, gt=0.0, lt=1.0, description="cap on the wrong-class probability in L_R")
@@ -108,13 +114,32 @@ class IgatSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"])
+    attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"],
+                                      description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits")
     eps: Perturbation = 8 / 255
-    step: Perturbation = 2 / 255
-    steps: int = Field(20, ge=1, le=10_000)
-    n_examples: int = Field(1000, ge=1, le=1_000_000)
+    step: Perturbation = Field(2 / 255, description="step of PGD, CW-L-inf and MIM")
+    steps: int = Field(20, ge=1, le=10_000, description="iterations of PGD, CW-L-inf and MIM")
+    n_examples: int = Field(1000, ge=1, le=1_000_000, description="equidistant examples of the test split")
     combiners: list[Combiner] = Field(default_factory=lambda: ["average", "max"])
     batch_size: int = Field(500, ge=1, le=65_536)
+    cw_kappa: float = Field(50.0, ge=0.0, le=1e4, description="CW margin cap: the loss stops at margin -kappa")
+    mim_decay: float = Field(1.0, ge=0.0, le=10.0, description="MIM momentum decay mu")
+    signhunter_queries: int = Field(500, ge=1, le=1_000_000, description="forward queries per example")
+    simba_queries: int = Field(10_000, ge=1, le=10_000_000, description="forward queries per example")
+    bandits_queries: int = Field(10_000, ge=1, le=10_000_000, description="forward queries per example")
+    autoattack_steps: int = Field(100, ge=1, le=10_000, description="iterations of APGD-CE, APGD-T and FAB-T")
+    square_queries: int = Field(5000, ge=1, le=1_000_000, description="queries of AutoAttack's Square")
+    eps_sweep: bool = Field(False, description="also evaluate eps_sweep_attack at every eps of eps_sweep_values")
+    eps_sweep_values: list[Perturbation] = Field(default_factory=lambda: [k / 255 for k in (2, 4, 6, 8, 10)],
+                                                 min_length=1, max_length=64)
+    eps_sweep_attack: SweepAttackName = "autoattack"
+    sanity_pgd_steps: int = Field(100, ge=1, le=10_000, description="the strong PGD of the convergence check")
+    sanity_pgd_restarts: int = Field(5, ge=1, le=100)
+    sanity_examples: int = Field(500, ge=0, le=1_000_000,
+                                 description="examples for the PGD convergence check (0 skips it)")
+    diagnostics_examples: int = Field(200, ge=0, le=1_000_000,
+                                      description="examples for the supplement's Tables 4-8 and the curvature, "
+                                      "measured on global adversarial examples at eps (0 skips them)")
 
     @model_validator(mode="after")
     def _non_empty(self) -> EvalSpec:
@@ -122,6 +147,8 @@ class EvalSpec(_Strict):
             raise ValueError("attacks must name at least one attack")
         if not self.combiners:
             raise ValueError("combiners must name at least one combiner")
+        if len(set(self.attacks)) != len(self.attacks) or len(set(self.combiners)) != len(self.combiners):
+            raise ValueError("attacks and combiners must not repeat")
         return self
 
 
@@ -130,6 +157,36 @@ class ResourcesSpec(_Strict):
     num_workers: int = Field(1, ge=1, le=1024)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+
+
+TuneMode = Literal["grid", "random", "asha"]
+
+
+class TuneSpec(_Strict):
+    """The alpha/beta search before the iGAT fine-tune; it runs on Ray Tune (``python -m workers.runner``, the
+    service). Every trial fine-tunes the base ensemble with one (alpha, beta) and is scored by PGD accuracy of
+    the combined ensemble on the validation split (never the test split); the best pair is then used by `igat`.
+    `igat run` (no Ray) refuses a spec with the search enabled."""
+
+    enabled: bool = False
+    mode: TuneMode = Field("grid", description="grid: every alphas x betas pair; random: num_samples pairs drawn "
+                           "uniformly from [min, max] of alphas and betas; asha: random plus ASHA early stopping")
+    alphas: list[Annotated[float, Field(ge=0.0, le=1e4)]] = Field(
+        default_factory=lambda: [1.0, 5.0, 10.0], min_length=1, max_length=64)
+    betas: list[Annotated[float, Field(ge=0.0, le=1e4)]] = Field(
+        default_factory=lambda: [5.0, 10.0, 20.0], min_length=1, max_length=64)
+    num_samples: int = Field(1, ge=1, le=1000, description="random/asha: trials drawn; grid: repeats of the grid")
+    epochs: int | None = Field(None, ge=1, le=10_000, description="fine-tune epochs per trial; default igat.train")
+    val_examples: int = Field(256, ge=1, le=1_000_000, description="equidistant validation examples scored")
+    pgd_steps: int = Field(10, ge=1, le=10_000, description="PGD iterations of the score (eps/step from eval)")
+    grace_period: int = Field(1, ge=1, le=10_000, description="asha: epochs before a trial may be stopped")
+    reduction_factor: int = Field(2, ge=2, le=100, description="asha: halving rate")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TuneSpec:
+        if len(set(self.alphas)) != len(self.alphas) or len(set(self.betas)) != len(self.betas):
+            raise ValueError("alphas and betas must not repeat")
+        return self
 
 
 class ExperimentSpec(_Strict):
@@ -141,6 +198,13 @@ class ExperimentSpec(_Strict):
     igat: IgatSpec = Field(default_factory=IgatSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+
+    @model_validator(mode="after")
+    def _tune_needs_igat(self) -> ExperimentSpec:
+        if self.tune.enabled and not self.igat.enabled:
+            raise ValueError("tune.enabled needs igat.enabled: the search picks alpha/beta for the iGAT fine-tune")
+        return self
 
 
 class SpecError(ValueError):

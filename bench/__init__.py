@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): measured ratios against reference implementations; results go to BENCHMARKS.md."""

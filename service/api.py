@@ -1,0 +1,357 @@
+"""REST routes (see DESIGN.md "REST"). Reads are open; mutations need ``Authorization: Bearer <token>``.
+
+Submission body: the bare ExperimentSpec as JSON (what ``igat run`` reads from YAML), priority as a query
+parameter: ``POST /experiments?priority=5``. Higher priorities run first; equal priorities run oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mimetypes
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from igat_core.spec import ExperimentSpec
+from service import store
+from service.auth import require_token
+from service.db import session_scope
+from service.models import FAILED, SUCCEEDED, TERMINAL
+from service.schemas import (
+    ArtifactList,
+    ArtifactOut,
+    ErrorOut,
+    EventOut,
+    ExperimentDetail,
+    ExperimentOut,
+    ExperimentPage,
+    Health,
+    MetricOut,
+    MetricPage,
+    Status,
+)
+
+router = APIRouter()
+
+NOT_FOUND = {404: {"model": ErrorOut, "description": "no experiment with that id"}}
+AUTH = {
+    401: {"model": ErrorOut, "description": "missing or invalid bearer token"},
+    503: {"model": ErrorOut, "description": "the server has no API token configured: mutations are disabled"},
+}
+SSE_BATCH = 500
+MAX_INT = 2**31 - 1
+INLINE_TYPES = {".json", ".md", ".txt", ".log", ".yaml", ".yml", ".jsonl", ".csv", ".png", ".svg"}
+TEXT_TYPES = {".md": "text/markdown", ".jsonl": "application/x-ndjson", ".log": "text/plain",
+              ".yaml": "application/yaml", ".yml": "application/yaml"}
+
+
+def _sessions(request: Request):
+    return request.app.state.sessions
+
+
+def _settings(request: Request):
+    return request.app.state.settings
+
+
+def request_hash(spec: ExperimentSpec, priority: int) -> str:
+    canonical = json.dumps(
+        {"spec": spec.model_dump(mode="json"), "priority": priority}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- health
+
+
+@router.get("/healthz", response_model=Health, tags=["service"], responses={503: {"model": ErrorOut}})
+def healthz(request: Request) -> Health:
+    """Liveness and database reachability."""
+    from sqlalchemy import text
+
+    try:
+        with session_scope(_sessions(request)) as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # any driver error means: not healthy
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"database unreachable: {type(exc).__name__}"
+        ) from None
+    return Health(status="ok", database="ok")
+
+
+# --------------------------------------------------------------------------------------------- experiments
+
+
+@router.post(
+    "/experiments",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ExperimentDetail,
+    dependencies=[Depends(require_token)],
+    tags=["experiments"],
+    responses={
+        **AUTH,
+        422: {"description": "invalid spec (each field path and reason), or an Idempotency-Key reused with "
+              "another body"},
+    },
+)
+def submit_experiment(
+    spec: ExperimentSpec,
+    request: Request,
+    response: Response,
+    priority: Annotated[int, Query(ge=-1000, le=1000, description="higher runs first")] = 0,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", min_length=1, max_length=255,
+               description="same key + same body: the first response again; same key + other body: 422"),
+    ] = None,
+) -> ExperimentDetail:
+    """Queue an experiment. The body is an ExperimentSpec (JSON); answers 202 with a Location header."""
+    digest = request_hash(spec, priority)
+    with session_scope(_sessions(request)) as session:
+        experiment, created = store.create_experiment(
+            session,
+            spec=spec.model_dump(mode="json"),
+            name=spec.name,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+        )
+    response.headers["Location"] = f"/experiments/{experiment.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return ExperimentDetail.of(experiment)
+
+
+@router.get("/experiments", response_model=ExperimentPage, tags=["experiments"])
+def list_experiments(
+    request: Request,
+    status_: Annotated[list[Status] | None, Query(alias="status", description="repeat to OR several")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+) -> ExperimentPage:
+    """Experiments, newest first, optionally filtered by status; ``total`` counts every match."""
+    with session_scope(_sessions(request)) as session:
+        rows, total = store.list_experiments(session, statuses=status_ or (), limit=limit, offset=offset)
+        items = [ExperimentOut.of(row) for row in rows]
+    return ExperimentPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/experiments/{experiment_id}", response_model=ExperimentDetail, tags=["experiments"],
+            responses=NOT_FOUND)
+def get_experiment(experiment_id: str, request: Request) -> ExperimentDetail:
+    with session_scope(_sessions(request)) as session:
+        return ExperimentDetail.of(store.get_experiment(session, experiment_id))
+
+
+@router.post(
+    "/experiments/{experiment_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ExperimentOut,
+    dependencies=[Depends(require_token)],
+    tags=["experiments"],
+    responses={**AUTH, **NOT_FOUND, 409: {"model": ErrorOut, "description": "the experiment already finished"}},
+)
+def cancel_experiment(experiment_id: str, request: Request) -> ExperimentOut:
+    """Queued: cancelled at once. Running: ``cancelling`` until the dispatcher has stopped the process."""
+    with session_scope(_sessions(request)) as session:
+        try:
+            experiment = store.request_cancel(session, experiment_id)
+        except store.IllegalTransition as exc:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"experiment {experiment_id} already {exc.current}; nothing to cancel"
+            ) from None
+        return ExperimentOut.of(experiment)
+
+
+# ------------------------------------------------------------------------------------------ events (SSE)
+
+
+def _stream_start(
+    experiment_id: str,
+    request: Request,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_INT, description="start after this seq (Last-Event-ID wins)")
+    ] = None,
+) -> tuple[str, int]:
+    """Checked before the stream opens, so an unknown id is a plain 404 rather than a broken stream."""
+    start = after or 0
+    if last_event_id is not None and last_event_id.strip():
+        try:
+            start = int(last_event_id.strip())
+        except ValueError:
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST, "Last-Event-ID must be the seq of an event of this stream"
+            ) from None
+        if not 0 <= start <= MAX_INT:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"Last-Event-ID must be between 0 and {MAX_INT}")
+    with session_scope(_sessions(request)) as session:
+        store.get_experiment(session, experiment_id)
+    return experiment_id, start
+
+
+@router.get(
+    "/experiments/{experiment_id}/events",
+    response_class=EventSourceResponse,
+    tags=["experiments"],
+    responses=NOT_FOUND,
+)
+async def stream_events(
+    request: Request, start: Annotated[tuple[str, int], Depends(_stream_start)]
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: each has ``id: <seq>`` and a JSON EventOut as data. Reconnect with Last-Event-ID
+    to resume. Once the experiment is finished and every event was sent, a final ``event: end`` closes it."""
+    experiment_id, last = start
+    sessions = _sessions(request)
+    poll_s = _settings(request).sse_poll_s
+
+    def fetch(after_seq: int) -> tuple[str, list[EventOut]]:
+        with session_scope(sessions) as session:
+            experiment = store.get_experiment(session, experiment_id)  # status first, then events: see below
+            events = [EventOut.of(e) for e in store.events_after(session, experiment_id, after_seq, SSE_BATCH)]
+            return experiment.status, events
+
+    yield ServerSentEvent(comment=f"events of experiment {experiment_id}", retry=2000)
+    while True:
+        try:
+            current, events = await anyio.to_thread.run_sync(fetch, last)
+        except store.NotFound:
+            return
+        for event in events:
+            yield ServerSentEvent(id=str(event.seq), data=event.model_dump(mode="json"))
+            last = event.seq
+        # The status was read before the events in one transaction, and a run's final events are stored
+        # before its terminal status: terminal + a short batch means everything has been sent.
+        if current in TERMINAL and len(events) < SSE_BATCH:
+            yield ServerSentEvent(event="end", data={"status": current, "last_seq": last})
+            return
+        if len(events) < SSE_BATCH:
+            await anyio.sleep(poll_s)
+
+
+@router.get("/experiments/{experiment_id}/metrics", response_model=MetricPage, tags=["experiments"],
+            responses=NOT_FOUND)
+def get_metrics(
+    experiment_id: str,
+    request: Request,
+    phase: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="pretrain | igat")] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+) -> MetricPage:
+    """Per-epoch metrics in the order they first appeared; one row per (phase, epoch), updated in place."""
+    with session_scope(_sessions(request)) as session:
+        store.get_experiment(session, experiment_id)
+        rows, total = store.metrics_page(session, experiment_id, phase=phase, limit=limit, offset=offset)
+        items = [MetricOut.of(m) for m in rows]
+    return MetricPage(items=items, total=total, limit=limit, offset=offset)
+
+
+# --------------------------------------------------------------------------------------- results, artifacts
+
+
+def _run_dir(request: Request, experiment) -> Path:
+    if experiment.run_dir:
+        return Path(experiment.run_dir)
+    return Path(_settings(request).artifact_root) / experiment.id
+
+
+@router.get(
+    "/results/{experiment_id}",
+    tags=["results"],
+    responses={
+        200: {"description": "the experiment's results.json, as the runner wrote it"},
+        **NOT_FOUND,
+        409: {"model": ErrorOut, "description": "the experiment has not succeeded (yet)"},
+    },
+)
+def get_results(experiment_id: str, request: Request) -> JSONResponse:
+    with session_scope(_sessions(request)) as session:
+        experiment = store.get_experiment(session, experiment_id)
+    if experiment.status != SUCCEEDED:
+        if experiment.status == FAILED:
+            first_line = (experiment.error or "").strip().splitlines()[:1]
+            why = f": {first_line[0]}" if first_line else ""
+            detail = f"experiment {experiment_id} failed{why}; it has no results"
+        elif experiment.status in TERMINAL:
+            detail = f"experiment {experiment_id} was {experiment.status}; it has no results"
+        else:
+            detail = f"experiment {experiment_id} is {experiment.status}; results are available once it has succeeded"
+        raise HTTPException(status.HTTP_409_CONFLICT, detail)
+    path = _run_dir(request, experiment) / "results.json"
+    try:
+        content: Any = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} succeeded but its results.json is missing"
+        ) from None
+    return JSONResponse(content)
+
+
+@router.get("/results/{experiment_id}/artifacts", response_model=ArtifactList, tags=["results"],
+            responses=NOT_FOUND)
+def list_artifacts(experiment_id: str, request: Request) -> ArtifactList:
+    """Files of the run directory (recorded when the run ended; listed live while it runs)."""
+    with session_scope(_sessions(request)) as session:
+        experiment = store.get_experiment(session, experiment_id)
+        recorded = store.list_artifacts(session, experiment_id)
+    if recorded:
+        return ArtifactList(items=[ArtifactOut.of(experiment_id, a) for a in recorded])
+    root = _run_dir(request, experiment)
+    found: list[tuple[str, int]] = []
+    if root.is_dir():
+        resolved = root.resolve()
+        for path in sorted(resolved.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                found.append((path.relative_to(resolved).as_posix(), path.stat().st_size))
+    return ArtifactList(items=[ArtifactOut.of(experiment_id, item) for item in found])
+
+
+def resolve_artifact(root: Path, raw: str) -> Path:
+    """The file ``raw`` names inside ``root``, or an HTTPException. ``raw`` is already URL-decoded."""
+    if not raw or "\x00" in raw or "\\" in raw:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid artifact path")
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "artifact paths are relative to the run directory")
+    if any(part in ("", ".", "..") for part in raw.split("/")):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "artifact paths may not contain '.', '..' or empty segments")
+    base = root.resolve()
+    target = (base / raw).resolve()
+    if not target.is_relative_to(base):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "artifact path leads outside the experiment's directory")
+    if not target.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {raw!r}")
+    return target
+
+
+@router.get(
+    "/results/{experiment_id}/artifacts/{path:path}",
+    response_class=FileResponse,
+    tags=["results"],
+    responses={
+        **NOT_FOUND,
+        400: {"model": ErrorOut, "description": "malformed path ('..', absolute, ...)"},
+        403: {"model": ErrorOut, "description": "the path leads outside the experiment's run directory"},
+    },
+)
+def get_artifact(experiment_id: str, path: str, request: Request) -> FileResponse:
+    """One file of the experiment's run directory (any status: logs are readable while it runs)."""
+    with session_scope(_sessions(request)) as session:
+        experiment = store.get_experiment(session, experiment_id)
+    root = _run_dir(request, experiment)
+    if not root.is_dir():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} has no files yet")
+    target = resolve_artifact(root, path)
+    suffix = target.suffix.lower()
+    media_type = TEXT_TYPES.get(suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    return FileResponse(
+        target,
+        media_type=media_type,
+        filename=target.name,
+        content_disposition_type="inline" if suffix in INLINE_TYPES else "attachment",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )

@@ -1,0 +1,343 @@
+"""``igat serve`` and the thin REST client (``igat submit / status / results / cancel``).
+
+`register(app)` adds these commands to a typer app (``igat_core.cli`` does that lazily); ``python -m service``
+offers them standalone. Heavy imports (uvicorn, SQLAlchemy, the app) happen inside the commands.
+
+Client configuration: ``IGAT_API_URL`` (default http://127.0.0.1:8000) and ``IGAT_API_TOKEN``; without the
+latter the client reads the token file that ``igat serve`` writes (``IGAT_TOKEN_FILE``, default
+``./var/api-token``) when it has to generate a token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+DEFAULT_TOKEN_FILE = Path("var") / "api-token"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _token_file() -> Path:
+    return Path(os.environ.get("IGAT_TOKEN_FILE", str(DEFAULT_TOKEN_FILE)))
+
+
+# -------------------------------------------------------------------------------------------------- serve
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    executor: Annotated[str, typer.Option(help="how experiments run: local | ray")] = "local",
+    log_level: Annotated[str, typer.Option(help="uvicorn and dispatcher log level")] = "info",
+) -> None:
+    """Run the API and a dispatcher together (SQLite and ./var unless IGAT_* say otherwise)."""
+    if executor not in ("local", "ray"):
+        _fail(f"unknown executor {executor!r}; choose local or ray", code=2)
+    if executor == "ray":
+        _fail("the Ray Jobs executor is not available yet; use --executor local", code=2)
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.db import migrate
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    if settings.api_token is None or not settings.api_token.get_secret_value():
+        token = _generated_token()
+        os.environ["IGAT_API_TOKEN"] = token
+        get_settings.cache_clear()
+        settings = get_settings()
+    Path(settings.artifact_root).mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url)
+    typer.echo(f"igat serve: database {_redact(settings.database_url)}, artifacts in {settings.artifact_root}")
+
+    supervisor = _DispatcherSupervisor(executor, log_level)
+    supervisor.start()
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+    finally:
+        supervisor.stop()
+
+
+def _generated_token() -> str:
+    """A fresh token, written (0600) where the local client looks for it."""
+    path = _token_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    typer.echo(f"igat serve: IGAT_API_TOKEN is not set; generated one in {path} (the igat client reads it there)")
+    return token
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class _DispatcherSupervisor:
+    """Keeps one ``python -m workers.dispatcher`` child alive next to the API, and stops it on exit."""
+
+    def __init__(self, executor: str, log_level: str):
+        self.command = [
+            sys.executable, "-m", "workers.dispatcher", "--executor", executor,
+            "--parent-pid", str(os.getpid()), "--log-level", log_level.upper(),
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="dispatcher-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(self.command, env=dict(os.environ))
+
+    def _watch(self) -> None:
+        restarts = 0
+        while not self._stopping.wait(1.0):
+            assert self.process is not None
+            code = self.process.poll()
+            if code is None:
+                continue
+            if restarts >= 5:
+                typer.echo(f"igat serve: the dispatcher keeps exiting (code {code}); not restarting it", err=True)
+                return
+            restarts += 1
+            typer.echo(f"igat serve: the dispatcher exited with code {code}; restarting it", err=True)
+            self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ------------------------------------------------------------------------------------------------- client
+
+
+def _api_url() -> str:
+    return os.environ.get("IGAT_API_URL", DEFAULT_API_URL).rstrip("/")
+
+
+def _token() -> str | None:
+    token = os.environ.get("IGAT_API_TOKEN")
+    if token:
+        return token
+    try:
+        return _token_file().read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _client(timeout: float | None = 30.0):
+    import httpx
+
+    headers = {"Accept": "application/json"}
+    token = _token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.Client(base_url=_api_url(), headers=headers, timeout=timeout)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _request(method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        with _client() as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        _fail(f"cannot reach the igat service at {_api_url()} ({exc}); is `igat serve` running?")
+    if response.status_code >= 400:
+        _fail(f"error {response.status_code}: {_error_text(response)}")
+    return response.json()
+
+
+def _error_text(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
+    if isinstance(body, dict):
+        if "message" in body:
+            return str(body["message"])
+        detail = body.get("detail")
+        if isinstance(detail, list):
+            return "; ".join(f"{d.get('field', d.get('loc'))}: {d.get('msg')}" for d in detail if isinstance(d, dict))
+        if detail is not None:
+            return str(detail)
+    return json.dumps(body)
+
+
+def submit(
+    spec_path: Annotated[Path, typer.Argument(help="experiment spec (YAML)", exists=True, dir_okay=False)],
+    wait: Annotated[bool, typer.Option("--wait", help="follow progress until the experiment finishes")] = False,
+    priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
+    idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with the same key is a no-op")] = None,
+) -> None:
+    """Submit a spec to the service; prints the experiment id."""
+    from igat_core.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as exc:
+        _fail(str(exc), code=2)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    experiment = _request(
+        "POST", "/experiments", json=spec.model_dump(mode="json"), params={"priority": priority}, headers=headers
+    )
+    typer.echo(f"{experiment['id']} {experiment['status']}")
+    if wait:
+        final = follow(experiment["id"])
+        if final != "succeeded":
+            detail = _request("GET", f"/experiments/{experiment['id']}")
+            _fail(f"experiment {experiment['id']} {final}" + (f": {detail['error']}" if detail.get("error") else ""))
+        typer.echo(f"succeeded; results: igat results {experiment['id']}")
+
+
+def follow(experiment_id: str) -> str:
+    """Print the experiment's events until it finishes (reconnecting with Last-Event-ID); returns its status."""
+    import httpx
+
+    last: str | None = None
+    failures = 0
+    while True:
+        headers = {"Accept": "text/event-stream"}
+        if last is not None:
+            headers["Last-Event-ID"] = last
+        try:
+            with _client(timeout=None) as client, client.stream(
+                "GET", f"/experiments/{experiment_id}/events", headers=headers
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _fail(f"error {response.status_code}: {_error_text(response)}")
+                for event in parse_sse(response.iter_lines()):
+                    failures = 0
+                    if event.get("event") == "end":
+                        return json.loads(event["data"])["status"]
+                    if event.get("id"):
+                        last = event["id"]
+                    if "data" in event:
+                        typer.echo(_format_event(json.loads(event["data"])))
+        except httpx.TransportError as exc:
+            failures += 1
+            if failures > 10:
+                _fail(f"lost the event stream of {experiment_id}: {exc}")
+            time.sleep(min(2.0 * failures, 10.0))
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """Events of a text/event-stream, as dicts of their fields (data lines joined by newlines)."""
+    event: dict[str, str] = {}
+    for line in lines:
+        if line == "":
+            if event:
+                yield event
+            event = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            event["data"] = f"{event['data']}\n{value}" if "data" in event else value
+        elif name in ("id", "event", "retry"):
+            event[name] = value
+    if event:
+        yield event
+
+
+def _format_event(e: dict[str, Any]) -> str:
+    phase = f"[{e['phase']}] " if e.get("phase") else ""
+    return f"{e.get('time', '')[:19]} {phase}{e.get('kind', '')}: {e.get('message', '')}".rstrip(": ")
+
+
+def status(
+    experiment_id: Annotated[str | None, typer.Argument(help="experiment id; omit to list recent experiments")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+) -> None:
+    """Show one experiment, or list the most recent ones."""
+    if experiment_id is None:
+        page = _request("GET", "/experiments", params={"limit": 20})
+        if as_json:
+            typer.echo(json.dumps(page, indent=2))
+            return
+        for e in page["items"]:
+            typer.echo(f"{e['id']}  {e['status']:<10} {e['name']}  (created {e['created_at'][:19]})")
+        typer.echo(f"{len(page['items'])} of {page['total']} experiment(s)")
+        return
+    e = _request("GET", f"/experiments/{experiment_id}")
+    if as_json:
+        typer.echo(json.dumps(e, indent=2))
+        return
+    typer.echo(f"{e['id']}  {e['name']}\n  status:   {e['status']} (attempt {e['attempt']}, priority {e['priority']})")
+    for key in ("created_at", "started_at", "finished_at"):
+        if e.get(key):
+            typer.echo(f"  {key.replace('_at', ''):<9} {e[key]}")
+    if e.get("error"):
+        typer.echo(f"  error:    {e['error']}")
+
+
+def results(
+    experiment_id: Annotated[str, typer.Argument(help="experiment id")],
+    out: Annotated[Path | None, typer.Option(help="write results.json here instead of printing it")] = None,
+) -> None:
+    """Print (or save) the results.json of a succeeded experiment."""
+    content = _request("GET", f"/results/{experiment_id}")
+    text = json.dumps(content, indent=2)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text + "\n")
+        typer.echo(f"wrote {out}")
+
+
+def cancel(experiment_id: Annotated[str, typer.Argument(help="experiment id")]) -> None:
+    """Cancel a queued or running experiment."""
+    e = _request("POST", f"/experiments/{experiment_id}/cancel")
+    typer.echo(f"{e['id']} {e['status']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add serve / submit / status / results / cancel to ``app``."""
+    app.command("serve")(serve)
+    app.command("submit")(submit)
+    app.command("status")(status)
+    app.command("results")(results)
+    app.command("cancel")(cancel)
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(help="igat service commands", no_args_is_help=True, add_completion=False)
+    register(app)
+    return app

@@ -1,0 +1,53 @@
+"""Service settings, read from the environment (prefix ``IGAT_``).
+
+Every setting has an embedded default, so ``igat serve`` works from an empty directory: SQLite under ``./var``,
+artifacts under ``./var/artifacts``, one experiment at a time.
+
+Authentication: mutating routes need ``Authorization: Bearer <IGAT_API_TOKEN>``. When no token is configured
+the service *fails closed*: every mutation answers 503 with a message saying that ``IGAT_API_TOKEN`` must be
+set (read-only routes keep working). ``igat serve`` generates a token when none is set (see ``service.cli``).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_runner_command() -> list[str]:
+    return [sys.executable, "-m", "igat_core.cli", "run"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IGAT_", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///./var/igat.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user:pw@host/db",
+    )
+    artifact_root: Path = Field(Path("./var/artifacts"), description="one run directory per experiment lives here")
+    data_root: Path | None = Field(None, description="datasets (CIFAR); passed to runs as IGAT_DATA_ROOT")
+    ray_address: str | None = Field(None, description="Ray cluster for the ray executor; unset: a local Ray")
+    api_token: SecretStr | None = Field(None, description="bearer token required by every mutating route")
+
+    executor: str = Field("local", description="how the dispatcher runs experiments: local | ray")
+    runner_command: list[str] = Field(
+        default_factory=_default_runner_command,
+        description="argv prefix of the experiment runner; SPEC.yaml --out RUN_DIR are appended (JSON list in env)",
+    )
+    dispatcher_poll_s: float = Field(1.0, gt=0.0, le=60.0, description="seconds between dispatcher ticks")
+    max_concurrent_experiments: int = Field(1, ge=1, le=1024, description="running experiments per dispatcher")
+    lease_s: float = Field(30.0, gt=0.0, description="a dispatcher that misses renewing for this long is presumed dead")
+    max_attempts: int = Field(3, ge=1, le=100, description="starts of one experiment before it is failed for good")
+    cancel_grace_s: float = Field(10.0, ge=0.0, description="SIGTERM -> SIGKILL delay when cancelling a run")
+    sse_poll_s: float = Field(0.5, gt=0.0, le=10.0, description="how often an event stream looks for new events")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process (tests call ``get_settings.cache_clear()``)."""
+    return Settings()

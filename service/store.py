@@ -1,0 +1,560 @@
+"""Every database operation of the control plane: the queue, status transitions, events, metrics, artifacts.
+
+The state machine (one function, `transition`, performs every status change)::
+
+    queued ──► running ──► succeeded | failed | cancelled
+       │          │  └───► queued        (re-queued: dispatcher lost, run resumes from its checkpoints)
+       │          └──────► cancelling ──► cancelled   (or succeeded | failed when the run finished first)
+       └─────────────────► cancelled
+
+Terminal states never change. Each transition is one conditional UPDATE (``WHERE status IN (sources)``), so
+two writers racing on one row cannot both win, on SQLite or PostgreSQL; the loser gets `IllegalTransition`.
+Each transition also appends a ``status`` event, whose sequence number is allocated on the experiment row
+(``last_seq``), the same counter the dispatcher uses for the run's own events: the SSE stream of an
+experiment is one gap-free sequence 1, 2, 3, ...
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.models import (
+    ACTIVE,
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Artifact,
+    Event,
+    Experiment,
+    Metric,
+    utcnow,
+)
+
+#: from-state -> the states it may move to. Terminal states have no way out.
+ALLOWED: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, CANCELLED}),
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, CANCELLING, QUEUED}),
+    CANCELLING: frozenset({CANCELLED, SUCCEEDED, FAILED}),
+    SUCCEEDED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+MAX_MESSAGE = 10_000
+
+
+class NotFound(LookupError):
+    def __init__(self, experiment_id: str):
+        self.experiment_id = experiment_id
+        shown = experiment_id if len(experiment_id) <= 64 else experiment_id[:64] + "..."
+        super().__init__(f"no experiment with id {shown!r}")
+
+
+class IllegalTransition(RuntimeError):
+    def __init__(self, experiment_id: str, current: str, target: str):
+        self.experiment_id = experiment_id
+        self.current = current
+        self.target = target
+        super().__init__(f"experiment {experiment_id} is {current}; it cannot become {target}")
+
+
+class IdempotencyConflict(ValueError):
+    def __init__(self, key: str, existing_id: str):
+        self.key = key
+        self.existing_id = existing_id
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used for a different request (experiment {existing_id})"
+        )
+
+
+def plausible_id(experiment_id: str) -> bool:
+    """Ids are UUID strings; anything else (NUL bytes, kilobytes of junk) is unknown without asking the DB."""
+    return 0 < len(experiment_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in experiment_id)
+
+
+def _sources(target: str) -> set[str]:
+    return {source for source, targets in ALLOWED.items() if target in targets}
+
+
+def transition(
+    session: Session,
+    experiment_id: str,
+    to: str,
+    *,
+    from_: Iterable[str] | None = None,
+    message: str | None = None,
+    **fields: Any,
+) -> Experiment:
+    """Move one experiment to status ``to`` (and set ``fields``), or raise.
+
+    ``from_`` narrows the allowed source states (a compare-and-swap: ``claim`` passes ``[queued]``).
+    Raises `NotFound` for an unknown id and `IllegalTransition` when the current status does not allow it.
+    """
+    if to not in ALLOWED:
+        raise ValueError(f"unknown status {to!r}")
+    if not plausible_id(experiment_id):
+        raise NotFound(experiment_id)
+    sources = _sources(to)
+    if from_ is not None:
+        sources &= set(from_)
+    now = utcnow()
+    values: dict[str, Any] = {"status": to, "updated_at": now, "last_seq": Experiment.last_seq + 1, **fields}
+    if to in TERMINAL:
+        values.setdefault("finished_at", now)
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_expires_at", None)
+    stmt = (
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status.in_(sorted(sources)))
+        .values(**values)
+        .returning(Experiment.last_seq)
+        .execution_options(synchronize_session=False)
+    )
+    seq = session.execute(stmt).scalar_one_or_none() if sources else None
+    if seq is None:
+        current = session.scalar(select(Experiment.status).where(Experiment.id == experiment_id))
+        if current is None:
+            raise NotFound(experiment_id)
+        raise IllegalTransition(experiment_id, current, to)
+    text = message or f"status: {to}"
+    session.add(
+        Event(
+            experiment_id=experiment_id,
+            seq=seq,
+            time=now,
+            phase=None,
+            kind="status",
+            message=text[:MAX_MESSAGE],
+            data={"status": to},
+        )
+    )
+    session.flush()
+    experiment = session.get(Experiment, experiment_id, populate_existing=True)
+    assert experiment is not None
+    return experiment
+
+
+# ----------------------------------------------------------------------------------------------- submit / read
+
+
+def create_experiment(
+    session: Session,
+    *,
+    spec: dict[str, Any],
+    name: str,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> tuple[Experiment, bool]:
+    """Insert a queued experiment; returns (experiment, created).
+
+    With an idempotency key already used for the same ``request_hash`` the first experiment comes back with
+    ``created=False``; for another hash, `IdempotencyConflict`.
+    """
+    if idempotency_key is not None:
+        existing = _by_key(session, idempotency_key, request_hash)
+        if existing is not None:
+            return existing, False
+    now = utcnow()
+    experiment = Experiment(
+        name=name,
+        spec=spec,
+        status=QUEUED,
+        priority=priority,
+        attempt=0,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        last_seq=1,
+        events_ingested=0,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(experiment)
+            session.flush()
+    except IntegrityError:
+        # Another request with the same key committed between our look-up and insert.
+        if idempotency_key is None:
+            raise
+        existing = _by_key(session, idempotency_key, request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    session.add(
+        Event(experiment_id=experiment.id, seq=1, time=now, kind="status", message="status: queued",
+              data={"status": QUEUED})
+    )
+    session.flush()
+    return experiment, True
+
+
+def _by_key(session: Session, key: str, request_hash: str | None) -> Experiment | None:
+    existing = session.scalar(select(Experiment).where(Experiment.idempotency_key == key))
+    if existing is not None and existing.request_hash != request_hash:
+        raise IdempotencyConflict(key, existing.id)
+    return existing
+
+
+def get_experiment(session: Session, experiment_id: str) -> Experiment:
+    if not plausible_id(experiment_id):
+        raise NotFound(experiment_id)
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise NotFound(experiment_id)
+    return experiment
+
+
+def list_experiments(
+    session: Session, *, statuses: Sequence[str] = (), limit: int = 50, offset: int = 0
+) -> tuple[list[Experiment], int]:
+    query = select(Experiment)
+    count = select(func.count()).select_from(Experiment)
+    if statuses:
+        query = query.where(Experiment.status.in_(statuses))
+        count = count.where(Experiment.status.in_(statuses))
+    total = session.scalar(count) or 0
+    rows = session.scalars(
+        query.order_by(Experiment.created_at.desc(), Experiment.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def events_after(session: Session, experiment_id: str, after_seq: int, limit: int = 500) -> list[Event]:
+    rows = session.scalars(
+        select(Event)
+        .where(Event.experiment_id == experiment_id, Event.seq > after_seq)
+        .order_by(Event.seq)
+        .limit(limit)
+    ).all()
+    return list(rows)
+
+
+def metrics_page(
+    session: Session, experiment_id: str, *, phase: str | None = None, limit: int = 500, offset: int = 0
+) -> tuple[list[Metric], int]:
+    conditions: list[ColumnElement[bool]] = [Metric.experiment_id == experiment_id]
+    if phase is not None:
+        conditions.append(Metric.phase == phase)
+    total = session.scalar(select(func.count()).select_from(Metric).where(*conditions)) or 0
+    rows = session.scalars(select(Metric).where(*conditions).order_by(Metric.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def list_artifacts(session: Session, experiment_id: str) -> list[Artifact]:
+    return list(
+        session.scalars(select(Artifact).where(Artifact.experiment_id == experiment_id).order_by(Artifact.path))
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- cancel
+
+
+def request_cancel(session: Session, experiment_id: str) -> Experiment:
+    """Queued: cancelled at once. Running: cancelling (the dispatcher stops the run). Cancelling: unchanged.
+
+    Raises `IllegalTransition` for a finished experiment, `NotFound` for an unknown one.
+    """
+    try:
+        return transition(session, experiment_id, CANCELLED, from_=[QUEUED], message="cancelled before it started")
+    except IllegalTransition as exc:
+        if exc.current == CANCELLING:
+            return get_experiment(session, experiment_id)
+        if exc.current != RUNNING:
+            raise
+    try:
+        return transition(session, experiment_id, CANCELLING, from_=[RUNNING], message="cancel requested")
+    except IllegalTransition as exc:
+        if exc.current == CANCELLING:
+            return get_experiment(session, experiment_id)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------- the queue
+
+
+def dispatcher_identity() -> str:
+    """``host:pid:random``; `owner_is_dead` reads the host and pid back."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` is a dispatcher on this host whose process is gone (no need to wait for its lease)."""
+    if not owner:
+        return True
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
+
+
+def claim_next(session: Session, *, owner: str, lease_s: float, executor: str) -> Experiment | None:
+    """Claim the oldest queued experiment of the highest priority, or return None.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent dispatchers never wait on each other.
+    SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE) and the UPDATE is a
+    compare-and-swap on ``status='queued'``, so a row is claimed at most once either way.
+    """
+    postgres = session.get_bind().dialect.name == "postgresql"
+    for _ in range(8):
+        query = (
+            select(Experiment.id)
+            .where(Experiment.status == QUEUED)
+            .order_by(Experiment.priority.desc(), Experiment.created_at, Experiment.id)
+            .limit(1)
+        )
+        if postgres:
+            query = query.with_for_update(skip_locked=True)
+        candidate = session.scalar(query)
+        if candidate is None:
+            return None
+        now = utcnow()
+        try:
+            return transition(
+                session,
+                candidate,
+                RUNNING,
+                from_=[QUEUED],
+                message=f"claimed by dispatcher {owner}",
+                attempt=Experiment.attempt + 1,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                executor=executor,
+                started_at=now,
+                error=None,
+            )
+        except IllegalTransition:
+            continue  # lost the race for this row; look again
+    return None
+
+
+def renew_leases(session: Session, *, owner: str, ids: Sequence[str], lease_s: float) -> set[str]:
+    """Extend our lease on ``ids``; returns the ids we still own (others were taken over or finished)."""
+    if not ids:
+        return set()
+    rows = session.execute(
+        update(Experiment)
+        .where(Experiment.id.in_(list(ids)), Experiment.lease_owner == owner, Experiment.status.in_(sorted(ACTIVE)))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .returning(Experiment.id)
+        .execution_options(synchronize_session=False)
+    ).scalars()
+    return set(rows)
+
+
+def orphans(session: Session, *, owner: str, watched: Iterable[str] = ()) -> list[Experiment]:
+    """Running/cancelling experiments nobody is watching: their dispatcher's lease expired, or it is a dead
+    process on this host, or it is ``owner`` itself but not among the runs it ``watched``."""
+    watched = set(watched)
+    rows = session.scalars(select(Experiment).where(Experiment.status.in_(sorted(ACTIVE)))).all()
+    now = utcnow()
+    found = []
+    for row in rows:
+        if row.id in watched:
+            continue
+        if (
+            row.lease_owner == owner
+            or row.lease_expires_at is None
+            or row.lease_expires_at < now
+            or owner_is_dead(row.lease_owner)
+        ):
+            found.append(row)
+    return found
+
+
+def take_over(session: Session, experiment: Experiment, *, owner: str, lease_s: float) -> Experiment | None:
+    """Compare-and-swap the lease of an orphan to ``owner``; None when someone else got there first."""
+    condition = (
+        Experiment.lease_owner.is_(None)
+        if experiment.lease_owner is None
+        else Experiment.lease_owner == experiment.lease_owner
+    )
+    taken = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment.id, Experiment.status.in_(sorted(ACTIVE)), condition)
+        .values(lease_owner=owner, lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .returning(Experiment.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if taken is None:
+        return None
+    return session.get(Experiment, experiment.id, populate_existing=True)
+
+
+def set_fields(session: Session, experiment_id: str, **fields: Any) -> None:
+    """Update non-status columns (executor handle, run dir, error); status changes go through `transition`."""
+    if "status" in fields:
+        raise ValueError("status changes go through transition()")
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id)
+        .values(updated_at=utcnow(), **fields)
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --------------------------------------------------------------------------------------------- events, metrics
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One line of a run's events.jsonl, parsed."""
+
+    time: datetime
+    phase: str | None
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def from_line(cls, record: Any, raw: str = "") -> RunEvent:
+        if not isinstance(record, dict):
+            return cls(utcnow(), None, "message", (raw or repr(record))[:MAX_MESSAGE], None)
+        record = dict(record)
+        when = _parse_time(record.pop("time", None))
+        phase = record.pop("phase", None)
+        kind = record.pop("event", None) or "message"
+        message = record.pop("message", "")
+        return cls(
+            time=when,
+            phase=str(phase)[:32] if phase is not None else None,
+            kind=str(kind)[:32],
+            message=str(message)[:MAX_MESSAGE],
+            data=record or None,
+        )
+
+
+def _parse_time(value: Any) -> datetime:
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return utcnow()
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return utcnow()
+
+
+def add_event(
+    session: Session, experiment_id: str, kind: str, message: str, *, phase: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> int:
+    """Append a service-side event (not from the run's file); returns its seq."""
+    seq = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id)
+        .values(last_seq=Experiment.last_seq + 1)
+        .returning(Experiment.last_seq)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if seq is None:
+        raise NotFound(experiment_id)
+    session.add(Event(experiment_id=experiment_id, seq=seq, time=utcnow(), phase=phase, kind=kind,
+                      message=message[:MAX_MESSAGE], data=data))
+    session.flush()
+    return seq
+
+
+def ingest_events(session: Session, experiment_id: str, *, expected_ingested: int, events: Sequence[RunEvent]) -> bool:
+    """Store lines ``expected_ingested+1 ..`` of events.jsonl, exactly once.
+
+    The counter ``events_ingested`` moves in the same transaction as the inserts, with a compare-and-swap on
+    its old value: a restarted dispatcher continues after the last stored line, and a stale one stores
+    nothing (returns False; it should re-read the counter).
+    """
+    if not events:
+        return True
+    n = len(events)
+    last = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.events_ingested == expected_ingested)
+        .values(events_ingested=expected_ingested + n, last_seq=Experiment.last_seq + n)
+        .returning(Experiment.last_seq)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if last is None:
+        return False
+    first = last - n + 1
+    session.add_all(
+        Event(experiment_id=experiment_id, seq=first + i, time=e.time, phase=e.phase, kind=e.kind,
+              message=e.message, data=e.data)
+        for i, e in enumerate(events)
+    )
+    session.flush()
+    return True
+
+
+def upsert_metrics(session: Session, experiment_id: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> None:
+    """Insert or replace metrics keyed by (experiment, phase, epoch): re-ingesting a file changes nothing."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two backends are supported
+        raise RuntimeError(f"unsupported database dialect {dialect}")
+    now = utcnow()
+    unique: dict[tuple[str, int], dict[str, Any]] = {}
+    for phase, epoch, values in rows:
+        unique[(phase, epoch)] = values  # last line wins, as in the file
+    stmt = insert(Metric).values(
+        [
+            {"experiment_id": experiment_id, "phase": phase, "epoch": epoch, "values": values, "updated_at": now}
+            for (phase, epoch), values in unique.items()
+        ]
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["experiment_id", "phase", "epoch"],
+        set_={"values": stmt.excluded["values"], "updated_at": stmt.excluded["updated_at"]},
+    )
+    session.execute(stmt)
+
+
+def record_artifacts(session: Session, experiment_id: str, run_dir: Path) -> int:
+    """Replace the artifact list of an experiment with the regular files under ``run_dir``."""
+    root = run_dir.resolve()
+    found: list[tuple[str, int]] = []
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+    session.execute(delete(Artifact).where(Artifact.experiment_id == experiment_id))
+    session.add_all(Artifact(experiment_id=experiment_id, path=p, size=s) for p, s in found if len(p) <= 1024)
+    session.flush()
+    return len(found)

@@ -1,0 +1,470 @@
+"""The dispatcher: moves experiments from the queue (the ``experiments`` table) to an executor and back.
+
+One tick:
+
+1. renew the leases of the runs this dispatcher watches (a run whose lease was taken over is dropped);
+2. adopt orphans: running/cancelling experiments whose dispatcher is dead (lease expired, or a dead pid on
+   this host). A run whose process is still alive is re-attached; one whose process is gone is re-queued
+   (``attempt`` grows on the next claim; the resumable runner continues from its checkpoints), or failed
+   once ``max_attempts`` starts are used up;
+3. for each watched run: poll the executor, copy new lines of ``events.jsonl`` / ``metrics.jsonl`` into the
+   database (exactly once, see `service.store.ingest_events` / `upsert_metrics`), forward cancel requests
+   (SIGTERM, then SIGKILL after ``cancel_grace_s``), and record the outcome once the process has ended;
+4. claim queued experiments while fewer than ``max_concurrent_experiments`` run here, and start them.
+
+Run it with ``python -m workers.dispatcher`` (``igat serve`` starts one next to the API).
+This module imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import store
+from service.db import make_engine, make_session_factory, session_scope
+from service.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Experiment
+from service.settings import Settings, get_settings
+from workers.executors import Executor, ExperimentRun, Handle, make_executor
+
+log = logging.getLogger("igat.dispatcher")
+
+EVENTS_FILE = "events.jsonl"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+MAX_LINES_PER_TICK = 5000
+
+
+@dataclass
+class Watched:
+    """A run this dispatcher is responsible for."""
+
+    experiment_id: str
+    handle: Handle
+    run_dir: Path
+    attempt: int
+    events_offset: int | None = None  # bytes of events.jsonl consumed; None: recompute from the DB counter
+    events_ingested: int = 0
+    metrics_signature: tuple[int, int] | None = None
+    metrics_sent: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    cancel_sent_at: float | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        session_factory: sessionmaker[Session] | None = None,
+        executor: Executor | None = None,
+        owner: str | None = None,
+    ):
+        self.settings = settings or get_settings()
+        self._engine = None
+        if session_factory is None:
+            self._engine = make_engine(self.settings.database_url)
+            session_factory = make_session_factory(self._engine)
+        self.sessions = session_factory
+        self.executor = executor or make_executor(self.settings.executor, self.settings)
+        self.owner = owner or store.dispatcher_identity()
+        self.artifact_root = Path(self.settings.artifact_root).resolve()
+        self.watched: dict[str, Watched] = {}
+
+    # ---------------------------------------------------------------------------------------------- the loop
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("dispatcher %s: executor %s, artifacts under %s", self.owner, self.executor.name, self.artifact_root)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # keep the loop alive through a transient DB error; the next tick retries
+                log.exception("dispatcher tick failed")
+            stop.wait(self.settings.dispatcher_poll_s)
+        log.info("dispatcher %s stopping; %d run(s) keep going and will be re-attached", self.owner, len(self.watched))
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def tick(self) -> None:
+        self.renew_leases()
+        self.adopt_orphans()
+        for watched in list(self.watched.values()):
+            try:
+                self.service(watched)
+            except Exception:
+                log.exception("while servicing experiment %s", watched.experiment_id)
+        self.claim_and_start()
+
+    # ------------------------------------------------------------------------------------------------ leases
+
+    def renew_leases(self) -> None:
+        if not self.watched:
+            return
+        with session_scope(self.sessions) as session:
+            kept = store.renew_leases(session, owner=self.owner, ids=list(self.watched), lease_s=self.settings.lease_s)
+        for experiment_id in set(self.watched) - kept:
+            log.warning("experiment %s is no longer ours (lease taken over or finished); dropping it", experiment_id)
+            self.watched.pop(experiment_id)
+
+    # ---------------------------------------------------------------------------------------------- recovery
+
+    def adopt_orphans(self) -> None:
+        with session_scope(self.sessions) as session:
+            candidates = store.orphans(session, owner=self.owner, watched=self.watched)
+        for candidate in candidates:
+            with session_scope(self.sessions) as session:
+                experiment = store.take_over(session, candidate, owner=self.owner, lease_s=self.settings.lease_s)
+            if experiment is not None:
+                self._adopt(experiment, previous_owner=candidate.lease_owner)
+
+    def _adopt(self, experiment: Experiment, previous_owner: str | None) -> None:
+        run_dir = Path(experiment.run_dir) if experiment.run_dir else self.run_dir_of(experiment.id)
+        handle = experiment.executor_handle or self.executor.find(run_dir)
+        if handle is not None and self.executor.attach(handle):
+            watched = Watched(experiment.id, handle, run_dir, experiment.attempt)
+            self.watched[experiment.id] = watched
+            with session_scope(self.sessions) as session:
+                store.set_fields(session, experiment.id, executor_handle=handle, run_dir=str(run_dir))
+                store.add_event(
+                    session, experiment.id, "message",
+                    f"re-attached to the running process (pid {handle.get('pid')}) after its dispatcher was lost",
+                    data={"previous_dispatcher": previous_owner},
+                )
+            log.info("re-attached to experiment %s (pid %s)", experiment.id, handle.get("pid"))
+            return
+        # The process is gone. Keep what it wrote, then decide.
+        watched = Watched(experiment.id, handle or {}, run_dir, experiment.attempt)
+        self.ingest(watched)
+        if handle:
+            self.executor.release(handle)
+        if experiment.status == CANCELLING:
+            self._finish(watched, CANCELLED, "cancelled (the process ended while no dispatcher was watching)")
+        elif self._results_ok(run_dir):
+            self._finish(watched, SUCCEEDED, "succeeded (finished while no dispatcher was watching)")
+        else:
+            self._requeue_or_fail(watched, "the run's process was lost with its dispatcher")
+
+    def _requeue_or_fail(self, watched: Watched, why: str) -> None:
+        attempt, limit = watched.attempt, self.settings.max_attempts
+        with session_scope(self.sessions) as session:
+            try:
+                if attempt >= limit:
+                    store.transition(
+                        session, watched.experiment_id, FAILED, from_=[RUNNING],
+                        message=f"failed: {why}; gave up after {attempt} attempt(s)",
+                        error=f"{why}; gave up after {attempt} attempt(s)",
+                    )
+                else:
+                    store.transition(
+                        session, watched.experiment_id, QUEUED, from_=[RUNNING],
+                        message=f"re-queued: {why}; the next attempt ({attempt + 1} of {limit}) "
+                        "resumes from the run's checkpoints",
+                        lease_owner=None, lease_expires_at=None, executor_handle=None,
+                    )
+            except store.IllegalTransition as exc:
+                if exc.current == CANCELLING:
+                    store.transition(session, watched.experiment_id, CANCELLED, from_=[CANCELLING],
+                                     message="cancelled")
+                else:
+                    log.warning("could not re-queue %s: %s", watched.experiment_id, exc)
+        self.watched.pop(watched.experiment_id, None)
+
+    # ---------------------------------------------------------------------------------------- claim & start
+
+    def run_dir_of(self, experiment_id: str) -> Path:
+        return self.artifact_root / experiment_id
+
+    def claim_and_start(self) -> None:
+        while len(self.watched) < self.settings.max_concurrent_experiments:
+            with session_scope(self.sessions) as session:
+                experiment = store.claim_next(
+                    session, owner=self.owner, lease_s=self.settings.lease_s, executor=self.executor.name
+                )
+            if experiment is None:
+                return
+            self.start(experiment)
+
+    def start(self, experiment: Experiment) -> None:
+        run_dir = self.run_dir_of(experiment.id)
+        run = ExperimentRun(experiment.id, experiment.spec, experiment.attempt, run_dir)
+        try:
+            handle = self.executor.start(run)
+        except Exception as exc:
+            log.exception("could not start experiment %s", experiment.id)
+            with session_scope(self.sessions) as session:
+                store.transition(
+                    session, experiment.id, FAILED, from_=[RUNNING, CANCELLING],
+                    message=f"failed to start: {exc}", error=f"could not start the run: {exc}", run_dir=str(run_dir),
+                )
+            return
+        self.watched[experiment.id] = Watched(experiment.id, handle, run_dir, experiment.attempt)
+        with session_scope(self.sessions) as session:
+            store.set_fields(session, experiment.id, executor_handle=handle, run_dir=str(run_dir))
+            detail = f" (pid {handle['pid']})" if "pid" in handle else ""
+            store.add_event(
+                session, experiment.id, "message",
+                f"attempt {experiment.attempt} started on the {self.executor.name} executor{detail}",
+                data={"attempt": experiment.attempt, "executor": self.executor.name},
+            )
+
+    # -------------------------------------------------------------------------------------- watching a run
+
+    def service(self, watched: Watched) -> None:
+        state = self.executor.poll(watched.handle)
+        self.ingest(watched)
+        with session_scope(self.sessions) as session:
+            status = session.scalar(select(Experiment.status).where(Experiment.id == watched.experiment_id))
+        if status is None or status not in (RUNNING, CANCELLING):
+            self.watched.pop(watched.experiment_id, None)
+            return
+        if state.running:
+            if status == CANCELLING:
+                self._forward_cancel(watched)
+            return
+        self.executor.release(watched.handle)
+        code = state.exit_code
+        results = self._results_ok(watched.run_dir)
+        if results and (code == 0 or code is None):  # None: an adopted process, its exit status unreadable
+            self._finish(watched, SUCCEEDED, "succeeded")
+        elif status == CANCELLING or watched.cancel_sent_at is not None:
+            self._finish(watched, CANCELLED, "cancelled: the run was stopped")
+        elif code is None:  # adopted process: no exit status to read, and no results
+            self._requeue_or_fail(watched, "the run's process ended without results (exit status unknown)")
+        elif code < 0:  # killed by a signal we did not send (OOM killer, operator)
+            self._requeue_or_fail(watched, f"the run was killed by signal {-code}")
+        else:
+            self._fail(watched, code)
+
+    def _forward_cancel(self, watched: Watched) -> None:
+        now = time.monotonic()
+        if watched.cancel_sent_at is None:
+            log.info("cancelling experiment %s", watched.experiment_id)
+            self.executor.cancel(watched.handle)
+            watched.cancel_sent_at = now
+        elif now - watched.cancel_sent_at >= self.settings.cancel_grace_s:
+            self.executor.cancel(watched.handle, force=True)
+
+    def _fail(self, watched: Watched, code: int) -> None:
+        if code == 0:
+            reason = f"the runner exited 0 but wrote no readable {RESULTS_FILE}"
+        elif code == 2:
+            reason = "the runner rejected the spec (exit code 2)"
+        else:
+            reason = f"the runner exited with code {code}"
+        tail = self.executor.error_tail(watched.handle)
+        error = f"{reason}\n{tail}" if tail else reason
+        self._finish(watched, FAILED, f"failed: {reason}", error=error)
+
+    def _finish(self, watched: Watched, status: str, message: str, error: str | None = None) -> None:
+        with session_scope(self.sessions) as session:
+            fields: dict[str, Any] = {"run_dir": str(watched.run_dir)}
+            if error is not None:
+                fields["error"] = error
+            try:
+                if watched.run_dir.is_dir():
+                    store.record_artifacts(session, watched.experiment_id, watched.run_dir)
+                store.transition(
+                    session, watched.experiment_id, status, from_=[RUNNING, CANCELLING], message=message, **fields
+                )
+            except store.IllegalTransition as exc:
+                log.warning("experiment %s: %s", watched.experiment_id, exc)
+        self.watched.pop(watched.experiment_id, None)
+
+    @staticmethod
+    def _results_ok(run_dir: Path) -> bool:
+        try:
+            json.loads((run_dir / RESULTS_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return True
+
+    # -------------------------------------------------------------------------------------------- ingestion
+
+    def ingest(self, watched: Watched) -> None:
+        """Copy new complete lines of events.jsonl and changed metrics into the database."""
+        self._ingest_events(watched)
+        self._ingest_metrics(watched)
+
+    def _ingest_events(self, watched: Watched) -> None:
+        path = watched.run_dir / EVENTS_FILE
+        for _ in range(100):  # bounded: a huge backlog is drained over several ticks
+            if watched.events_offset is None:
+                self._sync_event_offset(watched, path)
+                if watched.events_offset is None:
+                    return
+            try:
+                with open(path, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    size = f.tell()
+                    if size < watched.events_offset:
+                        log.warning("%s shrank; waiting for it to grow past the stored lines", path)
+                        watched.events_offset = None
+                        return
+                    f.seek(watched.events_offset)
+                    chunk = f.read(4 * 1024 * 1024)
+            except FileNotFoundError:
+                return
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                return
+            lines = chunk[: end + 1].splitlines()[:MAX_LINES_PER_TICK]
+            consumed = sum(len(line) + 1 for line in lines)
+            events = [_parse_event(line) for line in lines]
+            with session_scope(self.sessions) as session:
+                ok = store.ingest_events(
+                    session, watched.experiment_id, expected_ingested=watched.events_ingested, events=events
+                )
+            if not ok:
+                log.warning("event counter of %s moved under us; re-reading it", watched.experiment_id)
+                watched.events_offset = None
+                continue
+            watched.events_offset += consumed
+            watched.events_ingested += len(events)
+            if len(lines) < MAX_LINES_PER_TICK and end + 1 == len(chunk):
+                return
+
+    def _sync_event_offset(self, watched: Watched, path: Path) -> None:
+        """Set the byte offset just after the lines the database already holds."""
+        with session_scope(self.sessions) as session:
+            stored = session.scalar(
+                select(Experiment.events_ingested).where(Experiment.id == watched.experiment_id)
+            ) or 0
+        offset = 0
+        seen = 0
+        try:
+            with open(path, "rb") as f:
+                while seen < stored:
+                    line = f.readline()
+                    if not line.endswith(b"\n"):
+                        break
+                    offset += len(line)
+                    seen += 1
+        except FileNotFoundError:
+            pass
+        if seen < stored:  # the file holds fewer lines than we stored: read nothing until it grows
+            watched.events_offset = None
+            watched.events_ingested = stored
+            return
+        watched.events_offset = offset
+        watched.events_ingested = stored
+
+    def _ingest_metrics(self, watched: Watched) -> None:
+        path = watched.run_dir / METRICS_FILE
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return
+        signature = (stat.st_size, stat.st_mtime_ns)
+        if signature == watched.metrics_signature:
+            return
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
+        for line in data.split(b"\n")[:-1]:  # complete lines only
+            parsed = _parse_metric(line)
+            if parsed is not None:
+                rows[parsed[0], parsed[1]] = parsed[2]
+        changed = [(p, e, v) for (p, e), v in rows.items() if watched.metrics_sent.get((p, e)) != v]
+        if changed:
+            with session_scope(self.sessions) as session:
+                store.upsert_metrics(session, watched.experiment_id, changed)
+            watched.metrics_sent.update({(p, e): v for p, e, v in changed})
+        watched.metrics_signature = signature
+
+
+def _parse_event(line: bytes) -> store.RunEvent:
+    text = line.decode("utf-8", errors="replace").strip()
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return store.RunEvent.from_line(None, raw=text)
+    return store.RunEvent.from_line(record, raw=text)
+
+
+def _parse_metric(line: bytes) -> tuple[str, int, dict[str, Any]] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    phase, epoch = record.pop("phase", None), record.pop("epoch", None)
+    if not isinstance(phase, str) or not phase or len(phase) > 32:
+        return None
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        return None
+    return phase, epoch, record
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.dispatcher", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--executor", choices=["local", "ray"], default=None, help="default: IGAT_EXECUTOR or local")
+    parser.add_argument("--migrate", action="store_true", help="run the database migrations first")
+    parser.add_argument("--once", action="store_true", help="run one tick and exit (debugging)")
+    parser.add_argument("--log-level", default=os.environ.get("IGAT_LOG_LEVEL", "INFO"))
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (igat serve)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    settings = get_settings()
+    if args.executor:
+        settings = settings.model_copy(update={"executor": args.executor})
+    from workers.executors import ExecutorUnavailable
+
+    try:
+        executor = make_executor(settings.executor, settings)
+    except ExecutorUnavailable as exc:
+        print(f"igat dispatcher: {exc}")
+        return 2
+    if args.migrate:
+        from service.db import migrate
+
+        migrate(settings.database_url)
+    dispatcher = Dispatcher(settings, executor=executor)
+    stop = threading.Event()
+    if args.once:
+        dispatcher.tick()
+        dispatcher.close()
+        return 0
+
+    def _stop(signum, _frame) -> None:
+        log.info("signal %d: stopping after this tick", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if args.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
+    try:
+        dispatcher.run(stop)
+    finally:
+        dispatcher.close()
+    return 0
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        if os.getppid() != pid:
+            log.warning("parent process %d is gone; stopping", pid)
+            stop.set()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Executors: how the dispatcher runs one experiment.
+
+An executor starts the experiment runner for one experiment and reports on it; the dispatcher owns every
+database write. Handles are small JSON-able dicts that the dispatcher stores on the experiment row (and the
+local executor also in the run directory), so a dispatcher that restarts can `attach` to a run it did not start.
+
+- ``local``: `LocalProcessExecutor`, the runner as a subprocess in its own process group (tests, ``igat serve``).
+- ``ray``: the Ray Jobs executor, which comes next (`make_executor` says so); it lives in
+  ``workers/executors/ray_jobs.py`` and is the only place that imports Ray, lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+Handle = dict[str, Any]
+
+EXECUTORS = ("local", "ray")
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The requested executor cannot run here (not implemented yet, or its dependencies are missing)."""
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    """What an executor needs to start one attempt of an experiment."""
+
+    experiment_id: str
+    spec: dict[str, Any]
+    attempt: int
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A poll result. ``exit_code`` is None while running, and also for a finished run whose exit status is
+    unknown (a process adopted after a dispatcher restart is not our child: we cannot read its status)."""
+
+    running: bool
+    exit_code: int | None = None
+
+
+@runtime_checkable
+class Executor(Protocol):
+    name: str
+
+    def start(self, run: ExperimentRun) -> Handle:
+        """Launch the runner for ``run`` (writing ``spec.yaml`` into the run directory first); returns its handle."""
+        ...
+
+    def poll(self, handle: Handle) -> RunState: ...
+
+    def cancel(self, handle: Handle, *, force: bool = False) -> None:
+        """Ask the run to stop (SIGTERM to its process group), or kill it (``force``)."""
+        ...
+
+    def attach(self, handle: Handle) -> bool:
+        """Adopt a run started by another (dead) dispatcher: True when it is still alive and now tracked."""
+        ...
+
+    def find(self, run_dir: Path) -> Handle | None:
+        """The handle recorded in a run directory (for a run whose handle never reached the database)."""
+        ...
+
+    def release(self, handle: Handle) -> None:
+        """After the run ended: free whatever is left (stray processes of its group, open files)."""
+        ...
+
+    def error_tail(self, handle: Handle, max_chars: int = 4000) -> str:
+        """The end of the run's error output, for the experiment's ``error`` field."""
+        ...
+
+
+def make_executor(kind: str, settings: Any) -> Executor:
+    """The executor named ``kind`` configured from service settings."""
+    if kind == "local":
+        from workers.executors.local import LocalProcessExecutor
+
+        return LocalProcessExecutor(
+            runner_command=list(settings.runner_command),
+            data_root=settings.data_root,
+        )
+    if kind == "ray":
+        raise ExecutorUnavailable(
+            "the Ray Jobs executor is not available yet; run the dispatcher with --executor local"
+        )
+    raise ExecutorUnavailable(f"unknown executor {kind!r}; choose one of: {', '.join(EXECUTORS)}")

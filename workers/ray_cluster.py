@@ -1,0 +1,98 @@
+"""A local Ray head for `igat serve` and the tests: `ray start --head --block` in its own process group.
+
+Every port is picked free (GCS, dashboard, client server, agents), so it never collides with another Ray on the
+same machine, and stopping it touches only the processes it started: SIGTERM to the blocking `ray start`, which
+shuts its node down, then SIGKILL to whatever is left of its process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalRayHead:
+    process: subprocess.Popen[bytes]
+    gcs_address: str
+    dashboard_url: str
+    log_path: Path | None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Shut the node down (processes of this head only)."""
+        pgid = self.process.pid
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.process.poll() is None:
+            self.process.wait()
+
+
+def dashboard_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def start_local_head(*, num_cpus: int | None = None, num_gpus: int | None = None, log_path: Path | None = None,
+                     object_store_bytes: int | None = None, timeout: float = 120.0) -> LocalRayHead:
+    """Start a single-node Ray cluster with its dashboard (and Jobs API) on 127.0.0.1; wait until it answers."""
+    port, dashboard_port = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+    ]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        command.append(f"--num-gpus={num_gpus}")
+    if object_store_bytes is not None:
+        command.append(f"--object-store-memory={object_store_bytes}")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    finally:
+        if log_path is not None:
+            out.close()  # type: ignore[union-attr]
+    head = LocalRayHead(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", log_path)
+    deadline = time.monotonic() + timeout
+    while not dashboard_ready(head.dashboard_url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            head.stop(timeout=10)
+            tail = log_path.read_text()[-3000:] if log_path is not None and log_path.exists() else ""
+            raise RuntimeError(f"the local Ray head did not come up (exit code {process.poll()})\n{tail}")
+        time.sleep(0.5)
+    return head

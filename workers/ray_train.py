@@ -1,0 +1,141 @@
+"""Ray Train: one training phase of the runner as a `TorchTrainer` over `resources.num_workers` workers.
+
+Each worker runs igat_core's own loop (`igat_core.train.fit`) on its rank's shard of every global batch, and
+averages gradients over the workers (gloo on CPU, NCCL on GPU) between backward and the optimiser step. The
+members are not wrapped in DDP: the objectives call ensemble methods (member_logits, ...) that bypass a DDP
+wrapper's forward, so the gradient average is done by hand, which gives every rank the global-batch step.
+
+Only rank 0 writes: the epoch checkpoint (`<checkpoint_dir>/last.pt`, which is also what a resumed phase starts
+from), the run's metrics.jsonl line (Train V2 keeps no metrics reported without a checkpoint, so the runner's
+own report callback does it), and the checkpoint it hands to `ray.train.report`. Run names are deterministic
+(`<prefix>-<phase>` under `<run dir>/ray`), so a relaunched runner continues the same Ray Train run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from igat_core.ensemble import Ensemble, ensemble_from_checkpoint
+from igat_core.train import FitRequest, fit, load_last_checkpoint
+
+Scorer = Callable[[Ensemble, torch.device], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class RayScaling:
+    """How one phase is spread over Ray: workers, their resources, and where Ray Train keeps its run state."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    storage_path: Path
+    name_prefix: str
+    max_failures: int = 0
+
+    @classmethod
+    def from_spec(cls, resources: Any, storage_path: Path, name_prefix: str) -> RayScaling:
+        return cls(resources.num_workers, resources.use_gpu, resources.cpus_per_worker, storage_path, name_prefix)
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one training run holds while it runs (its workers; the driver or Tune trial needs 1 CPU more)."""
+        return {"CPU": self.num_workers * self.cpus_per_worker, "GPU": float(self.num_workers if self.use_gpu else 0)}
+
+
+@dataclass
+class WorkerJob:
+    """What every worker receives (pickled into the object store once)."""
+
+    request: FitRequest
+    use_gpu: bool
+    threads: int
+    scorer: Scorer | None = None
+
+
+def allreduce_mean_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average .grad over the process group (one flat all-reduce); a missing gradient counts as zero."""
+    import torch.distributed as dist
+
+    params = list(parameters)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function of the TorchTrainer: igat_core's fit on this rank's shard."""
+    import ray.train
+    import ray.train.torch
+
+    job: WorkerJob = config["job"]
+    request = job.request
+    torch.set_num_threads(max(1, job.threads))
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+
+    def report(metrics: dict, checkpoint_dir: Path) -> None:
+        extra: dict[str, float] = {}
+        checkpoint = None
+        if rank == 0:
+            if job.scorer is not None:
+                extra = job.scorer(request.ensemble, device)
+            request.report({**metrics, **extra}, checkpoint_dir)
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report({**metrics, **extra}, checkpoint=checkpoint)
+
+    fit(request.ensemble, request.objective, request.train, request.config, request.checkpoint_dir, device=device,
+        report=report, rank=rank, world_size=world_size, progress=False, phase=request.phase,
+        gradient_sync=allreduce_mean_gradients if world_size > 1 else None)
+
+
+@dataclass
+class RayTrainFit:
+    """A `FitFn` for igat_core's Runner: the phase as a Ray Train run; the driver's ensemble ends up trained."""
+
+    scaling: RayScaling
+    callbacks: list[Any] = field(default_factory=list)
+    scorer: Scorer | None = None
+    run_name: str | None = None
+
+    def name_for(self, phase: str) -> str:
+        return self.run_name or f"{self.scaling.name_prefix}-{phase.replace('/', '_')}"
+
+    def __call__(self, request: FitRequest) -> None:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        s = self.scaling
+        worker_request = replace(request, device=torch.device("cpu"), progress=False)
+        job = WorkerJob(worker_request, s.use_gpu, max(1, int(s.cpus_per_worker)), self.scorer)
+        request.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"job": job},
+            torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                         resources_per_worker={"CPU": s.cpus_per_worker,
+                                                               **({"GPU": 1.0} if s.use_gpu else {})}),
+            run_config=RunConfig(name=self.name_for(request.phase), storage_path=str(s.storage_path),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=s.max_failures),
+                                 callbacks=list(self.callbacks)),
+        )
+        trainer.fit()
+        state = load_last_checkpoint(request.checkpoint_dir)
+        if state is None:
+            raise RuntimeError(f"{request.phase}: the Ray Train run wrote no checkpoint to {request.checkpoint_dir}")
+        trained = ensemble_from_checkpoint(state["ensemble"])
+        request.ensemble.load_state_dict(trained.state_dict())
