@@ -36,3 +36,6 @@ def trained_ensemble(digits_train, tmp_path_factory) -> Ensemble:
     config = TrainConfig(epochs=12, batch_size=64, lr=0.05, milestones=(9,), seed=0)
     fit(ensemble, Plain(), digits_train, config, tmp_path_factory.mktemp("trained"), progress=False)
     return ensemble.eval()
+
+
+from tests.ray_fixtures import ray_cluster, ray_driver  # noqa: E402,F401  (the shared local Ray, session-wide)

@@ -35,8 +35,8 @@ class LocalRayHead:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Shut the node down (processes of this head only)."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Shut the node down (processes of this head only): Ray drains for up to `timeout` s, then SIGKILL."""
         pgid = self.process.pid
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
