@@ -103,6 +103,15 @@ def check_results_contract(results: dict, out: Path) -> None:
             assert sanity[f"{model}.{check}"]["passed"], sanity[f"{model}.{check}"]
         for combiner in ("average", "max"):
             assert isinstance(sanity[f"{model}.pgd_converged_{combiner}"]["passed"], bool)
+    for model in ("base", "igat"):
+        diagnostics = results["diagnostics"][model]
+        assert diagnostics["n_examples"] == 60 and diagnostics["members"] == 2
+        assert 0.0 <= diagnostics["p"] <= 100.0
+        histogram = diagnostics["correct_score_histogram"]
+        assert sum(histogram["percent"]) == pytest.approx(100.0 if histogram["count"] else 0.0)
+        assert diagnostics["adversarial_accuracy"] <= diagnostics["natural_accuracy"]
+    assert "supplement Tables 4-8" in (out / "report.md").read_text()
+    assert (out / "plots/diagnostics.png").is_file()
     assert set(results["timing"]) == {"pretrain", "igat", "evaluate"}
     for rel in results["artifacts"].values():
         assert (out / rel).is_file() and not Path(rel).is_absolute()
