@@ -1,4 +1,5 @@
-# `make demo` runs the quickstart experiment; `make test` runs the test suite. Both set up .venv first.
+# `make demo` runs the quickstart through `igat serve` (API + dispatcher + local Ray head) and prints its results;
+# `make test` runs the test suite. Both set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(VENV)/bin/igat run examples/quickstart.yaml --out runs/quickstart
+	$(PY) -m service.demo --spec examples/quickstart.yaml
 
 test: venv
 	$(PY) -m pytest -q --timeout=900

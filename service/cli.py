@@ -39,14 +39,19 @@ def _token_file() -> Path:
 def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-    executor: Annotated[str, typer.Option(help="how experiments run: local | ray")] = "local",
+    executor: Annotated[str | None, typer.Option(help="how experiments run: ray (default, or IGAT_EXECUTOR) | local")
+                        ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn and dispatcher log level")] = "info",
+    ray_cpus: Annotated[int | None, typer.Option(help="logical CPUs of the local Ray head (default: all)")] = None,
 ) -> None:
-    """Run the API and a dispatcher together (SQLite and ./var unless IGAT_* say otherwise)."""
+    """Run the API, a dispatcher and (executor ray, no IGAT_RAY_ADDRESS) a local Ray head with its dashboard.
+
+    SQLite and ./var unless IGAT_* say otherwise. IGAT_RAY_ADDRESS (a Ray dashboard URL) points the ray
+    executor at an existing cluster instead of starting one.
+    """
+    executor = executor or os.environ.get("IGAT_EXECUTOR") or "ray"
     if executor not in ("local", "ray"):
         _fail(f"unknown executor {executor!r}; choose local or ray", code=2)
-    if executor == "ray":
-        _fail("the Ray Jobs executor is not available yet; use --executor local", code=2)
 
     import uvicorn
 
@@ -65,12 +70,37 @@ def serve(
     migrate(settings.database_url)
     typer.echo(f"igat serve: database {_redact(settings.database_url)}, artifacts in {settings.artifact_root}")
 
-    supervisor = _DispatcherSupervisor(executor, log_level)
-    supervisor.start()
+    head = _start_ray(settings, ray_cpus) if executor == "ray" else None
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+        supervisor = _DispatcherSupervisor(executor, log_level)
+        supervisor.start()
+        try:
+            uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+        finally:
+            supervisor.stop()
     finally:
-        supervisor.stop()
+        if head is not None:
+            typer.echo("igat serve: stopping the local Ray head")
+            head.stop()
+            (Path(settings.artifact_root).parent / "ray-head.pid").unlink(missing_ok=True)
+
+
+def _start_ray(settings: Any, num_cpus: int | None) -> Any:
+    """The local Ray head (None when IGAT_RAY_ADDRESS names a cluster); the dispatcher inherits its address."""
+    if settings.ray_address:
+        typer.echo(f"igat serve: Ray cluster {settings.ray_address} (IGAT_RAY_ADDRESS)")
+        return None
+    from workers.ray_cluster import start_local_head
+
+    log_path = Path(settings.artifact_root).parent / "ray-head.log"
+    try:
+        head = start_local_head(num_cpus=num_cpus, log_path=log_path)
+    except RuntimeError as exc:
+        _fail(f"igat serve: could not start a local Ray head: {exc}")
+    os.environ["IGAT_RAY_ADDRESS"] = head.dashboard_url
+    (log_path.parent / "ray-head.pid").write_text(f"{head.process.pid}\n")
+    typer.echo(f"igat serve: local Ray head up, dashboard {head.dashboard_url} (log {log_path})")
+    return head
 
 
 def _generated_token() -> str:

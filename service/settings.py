@@ -31,10 +31,12 @@ class Settings(BaseSettings):
     )
     artifact_root: Path = Field(Path("./var/artifacts"), description="one run directory per experiment lives here")
     data_root: Path | None = Field(None, description="datasets (CIFAR); passed to runs as IGAT_DATA_ROOT")
-    ray_address: str | None = Field(None, description="Ray cluster for the ray executor; unset: a local Ray")
+    ray_address: str | None = Field(None, description="Ray dashboard URL (Jobs API) for the ray executor; unset: "
+                                    "`igat serve` starts a local Ray head")
     api_token: SecretStr | None = Field(None, description="bearer token required by every mutating route")
 
-    executor: str = Field("local", description="how the dispatcher runs experiments: local | ray")
+    executor: str = Field("local", description="how a standalone dispatcher runs experiments: local | ray "
+                          "(`igat serve` defaults to ray)")
     runner_command: list[str] = Field(
         default_factory=_default_runner_command,
         description="argv prefix of the experiment runner; SPEC.yaml --out RUN_DIR are appended (JSON list in env)",

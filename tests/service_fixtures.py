@@ -286,10 +286,13 @@ def settings_env(settings) -> dict[str, str]:
         "IGAT_CANCEL_GRACE_S": str(settings.cancel_grace_s),
         "IGAT_SSE_POLL_S": str(settings.sse_poll_s),
         "IGAT_MAX_ATTEMPTS": str(settings.max_attempts),
+        "IGAT_EXECUTOR": settings.executor,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
     }
     if settings.api_token is not None:
         env["IGAT_API_TOKEN"] = settings.api_token.get_secret_value()
+    if settings.ray_address:
+        env["IGAT_RAY_ADDRESS"] = settings.ray_address
     return env
 
 

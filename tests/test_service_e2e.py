@@ -169,10 +169,10 @@ def test_serve_generates_a_token_when_none_is_set(tmp_path, sqlite_url, fake_run
         stop(served)
 
 
-def test_serve_refuses_the_ray_executor_for_now(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "service", "serve", "--executor", "ray"], cwd=tmp_path,
+def test_serve_refuses_an_unknown_executor(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "service", "serve", "--executor", "slurm"], cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "not available yet" in r.stderr
+    assert r.returncode == 2 and "unknown executor 'slurm'" in r.stderr
 
 
 # --------------------------------------------------------------------------------- with the real runner

@@ -184,8 +184,8 @@ def tune_phase(runner: Runner, train: Split) -> dict:
         tune.with_parameters(run_trial, context=context),
         param_space=space,
         tune_config=tune.TuneConfig(metric=VAL_METRIC, mode="max", num_samples=t.num_samples, scheduler=scheduler,
-                                    max_concurrent_trials=concurrent,
-                                    search_alg=BasicVariantGenerator(random_state=spec.seed)),
+                                    search_alg=BasicVariantGenerator(max_concurrent=concurrent,
+                                                                     random_state=spec.seed)),
         run_config=tune.RunConfig(name=f"{fit_fn.scaling.name_prefix}-tune",
                                   storage_path=str(fit_fn.scaling.storage_path.resolve()), verbose=0),
     )

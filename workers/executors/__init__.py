@@ -5,8 +5,8 @@ database write. Handles are small JSON-able dicts that the dispatcher stores on 
 local executor also in the run directory), so a dispatcher that restarts can `attach` to a run it did not start.
 
 - ``local``: `LocalProcessExecutor`, the runner as a subprocess in its own process group (tests, ``igat serve``).
-- ``ray``: the Ray Jobs executor, which comes next (`make_executor` says so); it lives in
-  ``workers/executors/ray_jobs.py`` and is the only place that imports Ray, lazily.
+- ``ray``: `RayJobsExecutor` (``workers/executors/ray_jobs.py``), the runner as a Ray Job on the cluster at
+  ``IGAT_RAY_ADDRESS``; it is the only executor that imports Ray, lazily.
 """
 
 from __future__ import annotations
@@ -84,7 +84,15 @@ def make_executor(kind: str, settings: Any) -> Executor:
             data_root=settings.data_root,
         )
     if kind == "ray":
-        raise ExecutorUnavailable(
-            "the Ray Jobs executor is not available yet; run the dispatcher with --executor local"
-        )
+        if not settings.ray_address:
+            raise ExecutorUnavailable(
+                "the ray executor needs IGAT_RAY_ADDRESS (the Ray dashboard, e.g. http://127.0.0.1:8265); "
+                "`igat serve` sets it after starting a local Ray head"
+            )
+        try:
+            from workers.executors.ray_jobs import RayJobsExecutor
+            import ray.job_submission  # noqa: F401
+        except ImportError as exc:
+            raise ExecutorUnavailable(f"the ray executor needs Ray with its job client (ray[default]): {exc}") from None
+        return RayJobsExecutor(address=settings.ray_address, data_root=settings.data_root)
     raise ExecutorUnavailable(f"unknown executor {kind!r}; choose one of: {', '.join(EXECUTORS)}")

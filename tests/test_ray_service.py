@@ -1,0 +1,166 @@
+"""The service on the Ray executor: `igat serve` (API + dispatcher) submitting runners as Ray Jobs to the shared
+local cluster (IGAT_RAY_ADDRESS), on SQLite.
+
+- a 2x2 alpha/beta grid on digits: results.json `tune` names the chosen pair and every trial's score, each
+  trial's epochs reach the database under `tune/alpha=..,beta=..`, and the igat phase uses the chosen pair;
+- cancelling a running experiment stops its Ray job (STOPPED), well within 30 seconds;
+- killing the runner (the job's driver) mid-phase re-queues the experiment, and the next attempt (a new Ray
+  job) resumes the same Ray Train run from the last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service_fixtures import make_settings, read_jsonl, wait_for
+from tests.test_service_e2e import AUTH, serve, stop
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def tiny_spec(name: str, *, pretrain_epochs: int, train_limit: int | None, tune: bool) -> dict:
+    spec = {
+        "name": name,
+        "seed": 0,
+        "dataset": {"name": "digits", "val_fraction": 0.1, "train_limit": train_limit},
+        "ensemble": {"members": 2, "architecture": "small_cnn", "width": 8},
+        "base": {"method": "plain", "train": {"epochs": pretrain_epochs, "batch_size": 32, "lr": 0.05}},
+        "igat": {"attack": {"eps": 0.1, "step": 0.025, "steps": 2},
+                 "train": {"epochs": 2, "batch_size": 128, "lr": 0.01}},
+        "eval": {"attacks": ["natural", "pgd"], "eps": 0.1, "step": 0.025, "steps": 3, "n_examples": 64,
+                 "combiners": ["average"], "sanity_examples": 16, "sanity_pgd_steps": 5, "sanity_pgd_restarts": 1},
+        "resources": {"device": "cpu", "num_workers": 1},
+    }
+    if tune:
+        spec["tune"] = {"enabled": True, "mode": "grid", "alphas": [1, 5], "betas": [5, 10], "val_examples": 96,
+                        "pgd_steps": 3}
+    return spec
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ray_service")
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'igat.db'}", executor="ray",
+                             ray_address=ray_cluster.dashboard_url, dispatcher_poll_s=0.5, cancel_grace_s=15.0)
+    server = serve(tmp_path, settings)
+    server.settings = settings
+    try:
+        yield server
+    finally:
+        stop(server)
+    log = server.log.read_text()
+    assert "Traceback" not in log, log[-5000:]
+
+
+def job_client(ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ray_cluster.dashboard_url)
+
+
+def submit(served, spec: dict) -> str:
+    with served.client() as client:
+        r = client.post("/experiments", json=spec, headers=AUTH)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+
+def detail(served, experiment_id: str) -> dict:
+    with served.client() as client:
+        return client.get(f"/experiments/{experiment_id}").json()
+
+
+def metrics(served, experiment_id: str) -> list[dict]:
+    with served.client() as client:
+        return client.get(f"/experiments/{experiment_id}/metrics", params={"limit": 5000}).json()["items"]
+
+
+def finished(served, experiment_id: str) -> dict | None:
+    d = detail(served, experiment_id)
+    return d if d["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+@pytest.mark.timeout(600)
+def test_alpha_beta_grid_through_the_service(served, ray_cluster):
+    experiment_id = submit(served, tiny_spec("grid", pretrain_epochs=6, train_limit=512, tune=True))
+    done = wait_for(lambda: finished(served, experiment_id), 540, interval=1.0, what="the grid experiment")
+    assert done["status"] == "succeeded", done.get("error")
+
+    with served.client() as client:
+        results = client.get(f"/results/{experiment_id}").json()
+    tune = results["tune"]
+    pairs = {(t["alpha"], t["beta"]) for t in tune["trials"]}
+    assert pairs == {(1.0, 5.0), (1.0, 10.0), (5.0, 5.0), (5.0, 10.0)}
+    assert all(t["status"] == "completed" and 0 <= t["val_pgd"] <= 100 for t in tune["trials"])
+    chosen = (tune["chosen"]["alpha"], tune["chosen"]["beta"])
+    assert chosen in pairs and tune["split"] == "val"
+    assert tune["chosen"]["val_pgd"] == max(t["val_pgd"] for t in tune["trials"])
+    print("grid scores:", {f"{t['alpha']:g}/{t['beta']:g}": round(t["val_pgd"], 2) for t in tune["trials"]},
+          "chosen", chosen)
+
+    rows = metrics(served, experiment_id)
+    phases = {m["phase"] for m in rows}
+    assert {t["phase"] for t in tune["trials"]} <= phases and {"pretrain", "igat"} <= phases
+    assert all(len([m for m in rows if m["phase"] == t["phase"]]) == 2 for t in tune["trials"])
+    assert all("val_pgd" in m["values"] for m in rows if m["phase"].startswith("tune/"))
+
+    run_dir = Path(served.settings.artifact_root) / experiment_id
+    state = json.loads((run_dir / "state.json").read_text())
+    assert (state["phases"]["tune"]["alpha"], state["phases"]["tune"]["beta"]) == chosen
+    assert all((run_dir / "ray" / f"{experiment_id}-{phase}").is_dir() for phase in ("pretrain", "tune", "igat"))
+    assert job_client(ray_cluster).get_job_status(f"igat-{experiment_id}-1").value == "SUCCEEDED"
+    assert any(e["phase"] == "job" and e["event"] == "log" for e in read_jsonl(run_dir / "events.jsonl"))
+
+
+@pytest.mark.timeout(300)
+def test_cancel_stops_the_ray_job(served, ray_cluster):
+    experiment_id = submit(served, tiny_spec("cancel", pretrain_epochs=200, train_limit=None, tune=False))
+    wait_for(lambda: any(m["phase"] == "pretrain" for m in metrics(served, experiment_id)), 240, interval=0.5,
+             what="the first pretraining epoch in the database")
+    jobs = job_client(ray_cluster)
+    job = f"igat-{experiment_id}-1"
+    assert jobs.get_job_status(job).value == "RUNNING"
+    started = time.monotonic()
+    with served.client() as client:
+        assert client.post(f"/experiments/{experiment_id}/cancel", headers=AUTH).status_code in (200, 202)
+    wait_for(lambda: jobs.get_job_status(job).value in ("STOPPED", "FAILED", "SUCCEEDED"), 30, interval=0.2,
+             what="the Ray job to end after cancel")
+    latency = time.monotonic() - started
+    print(f"cancel -> Ray job terminal in {latency:.1f}s")
+    assert jobs.get_job_status(job).value == "STOPPED"
+    done = wait_for(lambda: finished(served, experiment_id), 60, interval=0.5, what="the experiment to be cancelled")
+    assert done["status"] == "cancelled"
+    epochs = [m["epoch"] for m in metrics(served, experiment_id) if m["phase"] == "pretrain"]
+    assert max(epochs) < 200
+
+
+@pytest.mark.timeout(600)
+def test_killed_runner_is_resubmitted_and_resumes_from_its_checkpoint(served, ray_cluster):
+    spec = tiny_spec("resume", pretrain_epochs=10, train_limit=None, tune=False)
+    experiment_id = submit(served, spec)
+    wait_for(lambda: any(m["phase"] == "pretrain" and m["epoch"] >= 2 for m in metrics(served, experiment_id)), 300,
+             interval=0.3, what="two pretraining epochs")
+    jobs = job_client(ray_cluster)
+    info = jobs.get_job_info(f"igat-{experiment_id}-1")
+    assert info.status.value == "RUNNING" and info.driver_info is not None
+    os.kill(int(info.driver_info.pid), signal.SIGKILL)
+    killed_after = max(m["epoch"] for m in metrics(served, experiment_id) if m["phase"] == "pretrain")
+
+    done = wait_for(lambda: finished(served, experiment_id), 540, interval=1.0, what="the resumed experiment")
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["attempt"] == 2
+    assert jobs.get_job_status(f"igat-{experiment_id}-1").value == "FAILED"
+    assert jobs.get_job_status(f"igat-{experiment_id}-2").value == "SUCCEEDED"
+    run_dir = Path(served.settings.artifact_root) / experiment_id
+    starts = [e for e in read_jsonl(run_dir / "events.jsonl") if e["phase"] == "pretrain" and e["event"] == "started"]
+    assert len(starts) == 2 and starts[1]["resumed_from_epoch"] >= killed_after, starts
+    print(f"killed after epoch {killed_after}; attempt 2 resumed from epoch {starts[1]['resumed_from_epoch']}")
+    epochs = sorted(m["epoch"] for m in metrics(served, experiment_id) if m["phase"] == "pretrain")
+    assert epochs == list(range(1, 11))
+    assert (run_dir / "ray" / f"{experiment_id}-pretrain").is_dir()
