@@ -39,3 +39,12 @@ def trained_ensemble(digits_train, tmp_path_factory) -> Ensemble:
 
 
 from tests.ray_fixtures import ray_cluster, ray_driver  # noqa: E402,F401  (the shared local Ray, session-wide)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the attack and evaluation tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

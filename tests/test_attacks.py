@@ -11,12 +11,7 @@ from igat_core.attacks import ATTACKS, MIM, PGD, AutoAttack, CWLinf, margin_loss
 from igat_core.evaluate import correct_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

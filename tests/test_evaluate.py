@@ -18,12 +18,7 @@ SMALL = dict(eps=0.1, step=0.025, steps=10, batch_size=40, signhunter_queries=60
              sanity_pgd_restarts=2, sanity_examples=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ FAST = {"signhunter_queries": 40, "sanity_examples": 8, "sanity_pgd_steps": 10, 
         "steps": 5, "eps_sweep_attack": "pgd", "eps_sweep_values": [0.05, 0.1]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

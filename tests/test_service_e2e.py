@@ -26,14 +26,14 @@ from service.db import make_session_factory
 try:
     from tests.service_fixtures import (  # noqa: F401
         ROOT, TOKEN, create_schema, db_url, fake_runner, fake_spec, free_port, make_settings, pg_url, pid_alive,
-        read_jsonl, require_real_runner, settings_env, sqlite_url, start_dispatcher_process, tiny_quickstart,
+        read_jsonl, settings_env, sqlite_url, start_dispatcher_process, tiny_quickstart,
         wait_for,
     )
     from tests.service_fixtures import kill_group, assert_no_duplicates, events_of, metrics_of, queue, status_of
 except ImportError:
     from service_fixtures import (  # noqa: F401
         ROOT, TOKEN, create_schema, db_url, fake_runner, fake_spec, free_port, make_settings, pg_url, pid_alive,
-        read_jsonl, require_real_runner, settings_env, sqlite_url, start_dispatcher_process, tiny_quickstart,
+        read_jsonl, settings_env, sqlite_url, start_dispatcher_process, tiny_quickstart,
         wait_for,
     )
     from service_fixtures import kill_group, assert_no_duplicates, events_of, metrics_of, queue, status_of
@@ -181,7 +181,6 @@ def test_serve_refuses_an_unknown_executor(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quickstart_through_the_service(tmp_path, db_url):
-    require_real_runner()
     spec = tiny_quickstart()
     settings = make_settings(tmp_path, db_url)  # default runner_command: python -m igat_core.cli run
     served = serve(tmp_path, settings)
@@ -210,7 +209,6 @@ def test_quickstart_through_the_service(tmp_path, db_url):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kill_runner", [False, True], ids=["reattach", "requeue"])
 def test_sigkill_dispatcher_mid_run_real_runner(tmp_path, sqlite_url, kill_runner):
-    require_real_runner()
     sessions = make_session_factory(create_schema(sqlite_url))
     settings = make_settings(tmp_path, sqlite_url, lease_s=60.0, dispatcher_poll_s=0.2)
     e = queue(sessions, tiny_quickstart(pretrain_epochs=3))
