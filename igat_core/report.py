@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from igat_core.figures import pyplot, save_figure
+
 ATTACK_TITLES = {"natural": "Natural", "pgd": "PGD", "cw": "CW", "signhunter": "SH", "autoattack": "AA",
                  "mim": "MIM", "simba": "SimBA", "bandits": "Bandits", "union": "Union"}
 TABLE1_ATTACKS = ("natural", "pgd", "cw", "signhunter", "autoattack")
@@ -155,11 +157,7 @@ def plot_sweep(results: dict, path: str | Path) -> Path | None:
     sweep = results["evaluation"].get("eps_sweep")
     if not sweep:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ticks = [e * 255 for e in sweep["eps"]]
     for model in MODEL_TITLES:
@@ -171,12 +169,7 @@ def plot_sweep(results: dict, path: str | Path) -> Path | None:
     ax.set_xticks(ticks)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: dict, out: str | Path) -> Path:

@@ -328,7 +328,7 @@ def test_bad_parameters_name_themselves():
         build_method("dverge", {"steps": 2.5})
     with pytest.raises(ValueError, match="'plus_adv'"):
         build_method("soe", {"plus_adv": "yes"})
-    assert build_method("soe", {"adv_eps": "8/255"}).adv_eps == pytest.approx(8 / 255)
+    assert build_method("soe", {"adv_eps": "8/255"}).adv.eps == pytest.approx(8 / 255)
     assert build_method("gal", {"lam": 1}).lam == 1.0
 
 

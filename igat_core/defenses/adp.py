@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from igat_core.attacks import PGD
-from igat_core.defenses.base import BaseMethod, LossOutput, as_bool, as_choice, as_eps, as_float, as_int, check_members
+from igat_core.defenses.base import BaseMethod, LossOutput, PgdSettings, as_bool, as_float, check_members
 from igat_core.defenses.diversity import member_cross_entropies
 from igat_core.ensemble import Ensemble
 
@@ -63,11 +62,7 @@ class ADP(BaseMethod):
         self.log_offset = as_float("log_offset", log_offset, 0.0, low_open=True)
         self.det_offset = as_float("det_offset", det_offset, 0.0, low_open=True)
         self.plus_adv = as_bool("plus_adv", plus_adv)
-        self.adv_eps = as_eps("adv_eps", adv_eps)
-        self.adv_step = as_eps("adv_step", adv_step)
-        self.adv_steps = as_int("adv_steps", adv_steps, 1)
-        self.adv_random_start = as_bool("adv_random_start", adv_random_start)
-        self.model_mode = as_choice("model_mode", model_mode, ("eval", "train"))
+        self.adv = PgdSettings.parse(adv_eps, adv_step, adv_steps, adv_random_start, model_mode)
 
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator | None = None) -> LossOutput:
@@ -81,8 +76,7 @@ class ADP(BaseMethod):
         loss = ce - self.alpha * entropy - self.beta * log_det
         metrics = {"ce": float(ce.detach()), "entropy": float(entropy.detach()), "log_det": float(log_det.detach())}
         if self.plus_adv:
-            attack = PGD(ensemble.with_combiner("average"), self.adv_eps, self.adv_step, self.adv_steps,
-                         self.adv_random_start, model_mode=self.model_mode, generator=generator)
+            attack = self.adv.attack(ensemble.with_combiner("average"), generator)
             adv_ce = member_cross_entropies(ensemble.member_logits(attack(x, y)), y).sum()
             loss = loss + adv_ce
             metrics["adv_ce"] = float(adv_ce.detach())

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from igat_core.attacks import PGD
 from igat_core.ensemble import Ensemble
 from igat_core.models import ModelConfig
 
@@ -150,6 +151,28 @@ def as_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 def as_eps(name: str, value: Any) -> float:
     """A perturbation size in [0, 1] pixel units."""
     return as_float(name, value, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PgdSettings:
+    """The L-inf PGD a method trains on (its `adv_*` parameters, or pgd_at's own), validated by name."""
+
+    eps: float
+    step: float
+    steps: int
+    random_start: bool
+    model_mode: str = "eval"
+
+    @classmethod
+    def parse(cls, eps: Any, step: Any, steps: Any, random_start: Any, model_mode: Any = "eval",
+              prefix: str = "adv_") -> PgdSettings:
+        return cls(as_eps(f"{prefix}eps", eps), as_eps(f"{prefix}step", step), as_int(f"{prefix}steps", steps, 1),
+                   as_bool(f"{prefix}random_start", random_start),
+                   as_choice("model_mode", model_mode, ("eval", "train")))
+
+    def attack(self, model: nn.Module, generator: torch.Generator | None) -> PGD:
+        return PGD(model, self.eps, self.step, self.steps, self.random_start, model_mode=self.model_mode,
+                   generator=generator)
 
 
 def add_input_noise(x: torch.Tensor, std: float, prob: float, generator: torch.Generator | None) -> torch.Tensor:

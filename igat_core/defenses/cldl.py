@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks import PGD
-from igat_core.defenses.base import (BaseMethod, LossOutput, add_input_noise, as_bool, as_choice, as_eps, as_float,
-                                     as_int, check_members)
+from igat_core.defenses.base import (BaseMethod, LossOutput, PgdSettings, add_input_noise, as_bool, as_choice, as_float,
+                                    as_int, check_members)
 from igat_core.defenses.diversity import member_input_gradients, member_inputs, pairwise_cosines
 from igat_core.ensemble import Ensemble
 from igat_core.models import ModelConfig
@@ -111,11 +110,7 @@ class CLDL(BaseMethod):
         self.noise_std = as_float("noise_std", noise_std, 0.0)
         self.noise_prob = as_float("noise_prob", noise_prob, 0.0, 1.0)
         self.plus_adv = as_bool("plus_adv", plus_adv)
-        self.adv_eps = as_eps("adv_eps", adv_eps)
-        self.adv_step = as_eps("adv_step", adv_step)
-        self.adv_steps = as_int("adv_steps", adv_steps, 1)
-        self.adv_random_start = as_bool("adv_random_start", adv_random_start)
-        self.model_mode = as_choice("model_mode", model_mode, ("eval", "train"))
+        self.adv = PgdSettings.parse(adv_eps, adv_step, adv_steps, adv_random_start, model_mode)
         self.head_hidden = as_int("head_hidden", head_hidden, 1)
         self._lcm: LabelConfusionModel | None = None
 
@@ -191,8 +186,7 @@ class CLDL(BaseMethod):
         loss = kls.mean() - self.alpha * jsd + self.beta * coherence
         metrics = {"kl": float(kls.sum().detach()), "jsd": float(jsd.detach()), "coherence": float(coherence.detach())}
         if self.plus_adv:
-            attack = PGD(ensemble.with_combiner("average"), self.adv_eps, self.adv_step, self.adv_steps,
-                         self.adv_random_start, model_mode=self.model_mode, generator=generator)
+            attack = self.adv.attack(ensemble.with_combiner("average"), generator)
             x_adv = attack(x, y)
             adv_kls, _ = self.member_terms(ensemble, x_adv.unsqueeze(0).expand(n, *x_adv.shape), y)
             loss = loss + adv_kls.mean()

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks import PGD, project_linf
-from igat_core.defenses.base import (BaseMethod, LossOutput, as_bool, as_choice, as_eps, as_float, as_int,
-                                     check_members, randint, randperm, uniform)
+from igat_core.attacks import project_linf
+from igat_core.defenses.base import (BaseMethod, LossOutput, PgdSettings, as_bool, as_choice, as_eps, as_float, as_int,
+                                    check_members, randint, randperm, uniform)
 from igat_core.defenses.diversity import member_cross_entropies
 from igat_core.ensemble import Ensemble
 
@@ -99,13 +99,10 @@ class DVERGE(BaseMethod):
         self.before_relu = as_bool("before_relu", before_relu)
         self.pairs = as_choice("pairs", pairs, ("all", "round_robin"))
         self.plus_adv = as_bool("plus_adv", plus_adv)
-        self.adv_eps = as_eps("adv_eps", adv_eps)
-        self.adv_step = as_eps("adv_step", adv_step)
-        self.adv_steps = as_int("adv_steps", adv_steps, 1)
-        self.adv_random_start = as_bool("adv_random_start", adv_random_start)
+        self.adv = PgdSettings.parse(adv_eps, adv_step, adv_steps, adv_random_start, model_mode)
+        self.model_mode = self.adv.model_mode
         self.dverge_coeff = as_float("dverge_coeff", dverge_coeff, 0.0)
         self.warmup_epochs = as_int("warmup_epochs", warmup_epochs, 0)
-        self.model_mode = as_choice("model_mode", model_mode, ("eval", "train"))
         self._epoch_layer: int | None = None
         self._warming_up = False
 
@@ -150,8 +147,7 @@ class DVERGE(BaseMethod):
             # eq. (21): member i classifies the other members' distilled images as the source labels
             diversity = diversity + sum(F.cross_entropy(member(distilled[j]), y) for j in sources[i])
             if self.plus_adv:
-                attack = PGD(member, self.adv_eps, self.adv_step, self.adv_steps, self.adv_random_start,
-                             model_mode=self.model_mode, generator=generator)
+                attack = self.adv.attack(member, generator)
                 adv = adv + F.cross_entropy(member(attack(x, y)), y)
         loss = self.dverge_coeff * diversity + adv
         metrics = {"dverge_ce": float(diversity.detach()), "layer": float(layer)}

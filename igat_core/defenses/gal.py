@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from igat_core.attacks import PGD
-from igat_core.defenses.base import (BaseMethod, LossOutput, add_input_noise, as_bool, as_choice, as_eps, as_float,
-                                     as_int, check_members)
+from igat_core.defenses.base import (BaseMethod, LossOutput, PgdSettings, add_input_noise, as_bool, as_float,
+                                    check_members)
 from igat_core.defenses.diversity import (logits_on_member_inputs, member_cross_entropies, member_input_gradients,
                                           member_inputs, pairwise_cosines)
 from igat_core.ensemble import Ensemble
@@ -49,11 +48,7 @@ class GAL(BaseMethod):
         self.noise_std = as_float("noise_std", noise_std, 0.0)
         self.noise_prob = as_float("noise_prob", noise_prob, 0.0, 1.0)
         self.plus_adv = as_bool("plus_adv", plus_adv)
-        self.adv_eps = as_eps("adv_eps", adv_eps)
-        self.adv_step = as_eps("adv_step", adv_step)
-        self.adv_steps = as_int("adv_steps", adv_steps, 1)
-        self.adv_random_start = as_bool("adv_random_start", adv_random_start)
-        self.model_mode = as_choice("model_mode", model_mode, ("eval", "train"))
+        self.adv = PgdSettings.parse(adv_eps, adv_step, adv_steps, adv_random_start, model_mode)
 
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator | None = None) -> LossOutput:
@@ -65,8 +60,7 @@ class GAL(BaseMethod):
         loss = ces.mean() + self.lam * coherence
         metrics = {"ce": float(ces.sum().detach()), "coherence": float(coherence.detach())}
         if self.plus_adv:
-            attack = PGD(ensemble.with_combiner("average"), self.adv_eps, self.adv_step, self.adv_steps,
-                         self.adv_random_start, model_mode=self.model_mode, generator=generator)
+            attack = self.adv.attack(ensemble.with_combiner("average"), generator)
             adv_ce = member_cross_entropies(ensemble.member_logits(attack(x, y)), y).mean()
             loss = loss + adv_ce
             metrics["adv_ce"] = float(adv_ce.detach())

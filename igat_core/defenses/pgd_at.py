@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from igat_core.attacks import PGD
-from igat_core.defenses.base import BaseMethod, LossOutput
+from igat_core.defenses.base import BaseMethod, LossOutput, PgdSettings
 from igat_core.ensemble import Ensemble
 
 
@@ -18,13 +17,11 @@ class PgdAT(BaseMethod):
 
     def __init__(self, eps: float = 8 / 255, step: float = 2 / 255, steps: int = 10, random_start: bool = True,
                  model_mode: str = "eval"):
-        self.eps, self.step, self.steps, self.random_start, self.model_mode = eps, step, steps, random_start, model_mode
+        self.pgd = PgdSettings.parse(eps, step, steps, random_start, model_mode, prefix="")
 
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator | None = None) -> LossOutput:
         total = x.new_zeros(())
         for member in ensemble.members:
-            attack = PGD(member, self.eps, self.step, self.steps, self.random_start, model_mode=self.model_mode,
-                         generator=generator)
-            total = total + F.cross_entropy(member(attack(x, y)), y)
+            total = total + F.cross_entropy(member(self.pgd.attack(member, generator)(x, y)), y)
         return LossOutput(total, {"adv_ce": float(total.detach())})

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from igat_core.attacks import PGD
-from igat_core.defenses.base import (BaseMethod, LossOutput, as_bool, as_choice, as_eps, as_float, as_int,
-                                     check_members)
+from igat_core.defenses.base import BaseMethod, LossOutput, PgdSettings, as_bool, as_choice, as_float, check_members
 from igat_core.ensemble import ROUTED, Ensemble
 from igat_core.models import ModelConfig
 
@@ -83,11 +82,7 @@ class SoE(BaseMethod):
         self.sigma = as_float("sigma", sigma, 0.0, low_open=True)
         self.plus_adv = as_bool("plus_adv", plus_adv)
         self.attack_target = as_choice("attack_target", attack_target, ("routed", "each"))
-        self.adv_eps = as_eps("adv_eps", adv_eps)
-        self.adv_step = as_eps("adv_step", adv_step)
-        self.adv_steps = as_int("adv_steps", adv_steps, 1)
-        self.adv_random_start = as_bool("adv_random_start", adv_random_start)
-        self.model_mode = as_choice("model_mode", model_mode, ("eval", "train"))
+        self.adv = PgdSettings.parse(adv_eps, adv_step, adv_steps, adv_random_start, model_mode)
 
     def configure_model(self, config: ModelConfig) -> ModelConfig:
         return dataclasses.replace(config, aux_head=True)
@@ -99,8 +94,7 @@ class SoE(BaseMethod):
     def adversarial(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         def pgd(model: torch.nn.Module) -> PGD:
-            return PGD(model, self.adv_eps, self.adv_step, self.adv_steps, self.adv_random_start,
-                       model_mode=self.model_mode, generator=generator)
+            return self.adv.attack(model, generator)
 
         if self.attack_target == "routed":
             return pgd(ensemble.with_combiner(ROUTED))(x, y), y

@@ -5,21 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from igat_core.figures import pyplot, save_figure
 
 
 def plot_risks(path: str | Path, measured: Mapping[str, float | None] | None = None) -> Path:
     """r1(p) and r2(p) over [0, 1] with the exact threshold; optionally the measured risks at the measured p."""
     from igat_core.theory.risks import PAPER_THRESHOLD, THRESHOLD, ensemble_risk, single_risk
 
-    plt = _pyplot()
+    plt = pyplot()
     ps = [k / 400 for k in range(401)]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(ps, [single_risk(p) for p in ps], label="single model r1(p)")
@@ -34,17 +27,12 @@ def plot_risks(path: str | Path, measured: Mapping[str, float | None] | None = N
     ax.set_xlabel("p")
     ax.set_ylabel("expected 0-1 risk on an ambiguous pair")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_diagnostics(diagnostics: Mapping[str, Mapping], path: str | Path) -> Path:
     """One figure for models such as {"base": ..., "igat": ...}: the Table 5 histogram and Tables 4, 6, 7, 8."""
-    plt = _pyplot()
+    plt = pyplot()
     models = [m for m, d in diagnostics.items() if d]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / max(1, len(models))
@@ -69,9 +57,4 @@ def plot_diagnostics(diagnostics: Mapping[str, Mapping], path: str | Path) -> Pa
     right.set_ylabel("rate or score")
     right.set_title("Tables 4, 6, 7, 8 on global adversarial examples", fontsize=9)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
