@@ -71,6 +71,9 @@ def serve(
     typer.echo(f"igat serve: database {_redact(settings.database_url)}, artifacts in {settings.artifact_root}")
 
     head = _start_ray(settings, ray_cpus) if executor == "ray" else None
+    # uvicorn re-raises SIGTERM/SIGINT after its shutdown; this handler turns that into an exit through the
+    # finally blocks below, so the dispatcher and the Ray head are stopped too
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         supervisor = _DispatcherSupervisor(executor, log_level)
         supervisor.start()
@@ -83,6 +86,10 @@ def serve(
             typer.echo("igat serve: stopping the local Ray head")
             head.stop()
             (Path(settings.artifact_root).parent / "ray-head.pid").unlink(missing_ok=True)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _start_ray(settings: Any, num_cpus: int | None) -> Any:

@@ -1,0 +1,78 @@
+"""The Ray Jobs executor's contract pieces, `igat run` refusing the Ray-only search, and `igat serve` starting
+(and stopping) its own local Ray head when no IGAT_RAY_ADDRESS is given."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from igat_core.runner import Runner
+from igat_core.spec import parse_spec
+from tests.service_fixtures import ROOT, free_port, make_settings, pid_alive, wait_for
+from workers.executors import ExecutorUnavailable, make_executor
+from workers.executors.ray_jobs import exit_code_of, submission_id
+
+
+def test_job_states_map_to_exit_codes_the_dispatcher_understands():
+    assert exit_code_of("SUCCEEDED", 0) == 0
+    assert exit_code_of("STOPPED", None) == -signal.SIGTERM
+    assert exit_code_of("FAILED", 2) == 2  # the runner rejected the spec
+    assert exit_code_of("FAILED", 137) == -9  # the driver was killed: the dispatcher re-queues
+    assert exit_code_of("FAILED", -9) == -9
+    assert exit_code_of("FAILED", None) == 1
+    assert submission_id("abc", 3) == "igat-abc-3"
+
+
+def test_the_ray_executor_needs_an_address(tmp_path):
+    settings = make_settings(tmp_path, "sqlite://", executor="ray", ray_address=None)
+    with pytest.raises(ExecutorUnavailable, match="IGAT_RAY_ADDRESS"):
+        make_executor("ray", settings)
+    executor = make_executor("ray", settings.model_copy(update={"ray_address": "http://127.0.0.1:1"}))
+    assert executor.name == "ray" and executor.find(tmp_path) is None
+
+
+def test_igat_run_refuses_the_search_before_training(tmp_path):
+    spec = parse_spec({"tune": {"enabled": True}, "base": {"train": {"epochs": 1, "lr": 0.1}}})
+    with pytest.raises(ValueError, match="tune.enabled"):
+        Runner(spec, tmp_path / "run", progress=False).run()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_serve_defaults_to_ray_and_stops_its_head(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("IGAT_EXECUTOR", "IGAT_RAY_ADDRESS", "RAY_ADDRESS")}
+    env.update({"PYTHONPATH": str(ROOT), "IGAT_API_TOKEN": "t" * 24, "RAY_USAGE_STATS_ENABLED": "0"})
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--ray-cpus", "1"],
+                             cwd=tmp_path, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    pid_file = tmp_path / "var" / "ray-head.pid"
+    try:
+        def healthy():
+            assert serve.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, 180, interval=0.5, what="igat serve with a local Ray head")
+        head_pid = int(pid_file.read_text())
+        dashboard = next(line.split("dashboard ")[1].split()[0] for line in log.read_text().splitlines()
+                         if "local Ray head up" in line)
+        assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 200
+        assert pid_alive(head_pid)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=120)
+    assert not pid_alive(head_pid), "the Ray head outlived igat serve"
+    assert not pid_file.exists()
+    assert "Traceback" not in log.read_text()
+    assert Path(tmp_path / "var" / "ray-head.log").exists()
