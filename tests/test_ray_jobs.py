@@ -76,3 +76,18 @@ def test_serve_defaults_to_ray_and_stops_its_head(tmp_path):
     assert not pid_file.exists()
     assert "Traceback" not in log.read_text()
     assert Path(tmp_path / "var" / "ray-head.log").exists()
+
+
+def test_trials_run_as_many_at_once_as_the_cluster_holds():
+    from workers.ray_train import RayScaling
+    from workers.runner import max_concurrent_trials, trial_phase
+
+    cpu = RayScaling(1, False, 1.0, Path("/tmp"), "x")
+    assert max_concurrent_trials(cpu, {"CPU": 4.0}, trials=4) == 2  # driver + worker per trial
+    assert max_concurrent_trials(cpu, {"CPU": 4.0}, trials=1) == 1
+    assert max_concurrent_trials(RayScaling(2, False, 1.0, Path("/tmp"), "x"), {"CPU": 2.0}, trials=4) == 1
+    gpu = RayScaling(1, True, 4.0, Path("/tmp"), "x")
+    assert max_concurrent_trials(gpu, {"CPU": 16.0, "GPU": 1.0}, trials=9) == 1
+    assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}, trials=9) == 8
+    assert trial_phase(5.0, 10.0) == "tune/alpha=5,beta=10"
+    assert len(trial_phase(0.123456789, 1234.56789)) <= 32
