@@ -330,9 +330,10 @@ def test_two_dispatchers_on_sqlite_claim_each_exactly_once(tmp_path, sqlite_url)
     assert sum(counts) == 20
 
 
-def test_dispatcher_cli_refuses_the_ray_executor_for_now():
+def test_dispatcher_cli_needs_a_ray_address_for_the_ray_executor():
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "workers.dispatcher", "--executor", "ray", "--once"],
+    env = {k: v for k, v in os.environ.items() if k != "IGAT_RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "workers.dispatcher", "--executor", "ray", "--once"], env=env,
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
-    assert r.returncode == 2 and "not available yet" in r.stdout
+    assert r.returncode == 2 and "IGAT_RAY_ADDRESS" in r.stdout
