@@ -67,3 +67,29 @@ def test_two_workers_reach_the_accuracy_of_one_with_the_same_global_batch(ray_dr
     first = [json.loads(x)["loss"] for x in (one_dir / "metrics.jsonl").read_text().splitlines()]
     second = [json.loads(x)["loss"] for x in (two_dir / "metrics.jsonl").read_text().splitlines()]
     assert second[-1] < second[0] / 2 and abs(first[-1] - second[-1]) < 0.25
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_method_with_its_own_parameters_trains_on_two_workers_that_stay_identical(ray_driver, tmp_path):
+    from workers.ray_train import RayScaling, RayTrainFit
+    from workers.runner import MetricsWriter
+
+    from igat_core.data import Split
+    from igat_core.defenses import build_method
+
+    digits = load_dataset("digits", "train")
+    train = Split(digits.images[:512], digits.labels[:512], digits.info)
+    method = build_method("cldl", {})
+    torch.manual_seed(0)
+    ensemble = Ensemble(method.configure_model(digits_config()), members=2)
+    request = FitRequest("pretrain", ensemble, method, train,
+                         TrainConfig(epochs=2, batch_size=64, lr=0.01, optimizer="adam", seed=0),
+                         tmp_path / "checkpoints", torch.device("cpu"), MetricsWriter(tmp_path), progress=False)
+    RayTrainFit(RayScaling(2, False, 1.0, tmp_path / "ray", "test-cldl"))(request)  # raises if the ranks diverged
+
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    assert state["epoch"] == 2 and set(state["method"]) == {"lcm"}
+    assert all(torch.isfinite(t).all() for t in state["method"]["lcm"].values())

@@ -19,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports that were free a moment ago (all sockets held open together, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -63,14 +69,15 @@ def dashboard_ready(url: str) -> bool:
 def start_local_head(*, num_cpus: int | None = None, num_gpus: int | None = None, log_path: Path | None = None,
                      object_store_bytes: int | None = None, timeout: float = 120.0) -> LocalRayHead:
     """Start a single-node Ray cluster with its dashboard (and Jobs API) on 127.0.0.1; wait until it answers."""
-    port, dashboard_port = free_port(), free_port()
+    (port, dashboard_port, client_port, agent_http_port, agent_grpc_port, runtime_env_port, metrics_port,
+     node_manager_port, object_manager_port) = free_ports(9)
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
         f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_http_port}", f"--dashboard-agent-grpc-port={agent_grpc_port}",
+        f"--runtime-env-agent-port={runtime_env_port}", f"--metrics-export-port={metrics_port}",
+        f"--node-manager-port={node_manager_port}", f"--object-manager-port={object_manager_port}",
     ]
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from igat_core.defenses.base import MethodHooks
 from igat_core.ensemble import Ensemble, ensemble_from_checkpoint
 from igat_core.train import FitRequest, fit, load_last_checkpoint
 
@@ -74,6 +75,24 @@ def allreduce_mean_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def optimised_parameters(request: FitRequest) -> list[torch.nn.Parameter]:
+    """The members' parameters and the method-owned ones (CLDL's label-confusion model)."""
+    hooks = request.objective.parameters() if isinstance(request.objective, MethodHooks) else []
+    return [*request.ensemble.parameters(), *hooks]
+
+
+def check_replicas_agree(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Raise unless every rank holds the same parameters (compared through a sum and a sum of squares)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in parameters])
+    fingerprint = torch.stack([flat.sum(), flat.square().sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    if any(not torch.allclose(g, gathered[0], rtol=1e-9, atol=1e-9) for g in gathered):
+        raise RuntimeError(f"the Ray Train workers' parameters diverged: {[g.tolist() for g in gathered]}")
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function of the TorchTrainer: igat_core's fit on this rank's shard."""
     import ray.train
@@ -99,6 +118,8 @@ def train_worker(config: dict[str, Any]) -> None:
     fit(request.ensemble, request.objective, request.train, request.config, request.checkpoint_dir, device=device,
         report=report, rank=rank, world_size=world_size, progress=False, phase=request.phase,
         gradient_sync=allreduce_mean_gradients if world_size > 1 else None)
+    if world_size > 1:
+        check_replicas_agree(optimised_parameters(request))
 
 
 @dataclass
@@ -118,6 +139,8 @@ class RayTrainFit:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         s = self.scaling
+        if isinstance(request.objective, MethodHooks):
+            request.objective.setup(request.ensemble)  # method-owned modules start identical on every worker
         worker_request = replace(request, device=torch.device("cpu"), progress=False)
         job = WorkerJob(worker_request, s.use_gpu, max(1, int(s.cpus_per_worker)), self.scorer)
         request.checkpoint_dir.mkdir(parents=True, exist_ok=True)
