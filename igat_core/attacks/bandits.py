@@ -63,8 +63,8 @@ class Bandits(BlackBoxAttack):
             x, y, v = adv[index], labels[index], prior[index]
             noise = self.exploration * torch.randn(v.shape, generator=self.generator).to(device) / math.sqrt(dim)
             up = self._upsample(v + noise, images.shape), self._upsample(v - noise, images.shape)
-            loss_plus = cross_entropy(self.query(self._probe(x, up[0]), index), y)
-            loss_minus = cross_entropy(self.query(self._probe(x, up[1]), index), y)
+            probes = torch.cat([self._probe(x, up[0]), self._probe(x, up[1])])
+            loss_plus, loss_minus = cross_entropy(self.query(probes, index.repeat(2)), y.repeat(2)).chunk(2)
             # Ilyas et al. 2019: <grad, u> ~ (L(x + eta q+) - L(x + eta q-)) / (eta * delta), times u.
             estimate = ((loss_plus - loss_minus) / (self.fd_eta * self.exploration)).view(-1, 1, 1, 1) * noise
             # Exponentiated gradient on v in [-1, 1]: reweighting p = (1 + v) / 2 by exp(+-lr g) is
