@@ -93,3 +93,22 @@ def test_a_method_with_its_own_parameters_trains_on_two_workers_that_stay_identi
     state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
     assert state["epoch"] == 2 and set(state["method"]) == {"lcm"}
     assert all(torch.isfinite(t).all() for t in state["method"]["lcm"].values())
+
+
+def test_gradient_average_keeps_unused_parameters_without_a_gradient(tmp_path):
+    import torch.distributed as dist
+
+    from workers.ray_train import allreduce_mean_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+        (used * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        allreduce_mean_gradients([used, unused])
+        assert torch.equal(used.grad, torch.tensor([1.0, 2.0, 3.0]))
+        assert unused.grad is None
+        optimizer = torch.optim.SGD([used, unused], lr=0.1, weight_decay=0.5)
+        optimizer.step()
+        assert torch.equal(unused.detach(), torch.ones(2)), "weight decay must not move a parameter without a gradient"
+    finally:
+        dist.destroy_process_group()

@@ -58,20 +58,26 @@ class WorkerJob:
 
 
 def allreduce_mean_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Average .grad over the process group (one flat all-reduce); a missing gradient counts as zero."""
+    """Average .grad over the process group (one flat all-reduce; a rank without a gradient contributes zeros).
+
+    A parameter no rank has a gradient for keeps .grad None, so the optimiser skips it as it would on one worker.
+    """
     import torch.distributed as dist
 
     params = list(parameters)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has_grad = torch.tensor([float(p.grad is not None) for p in params])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has_grad.to(grads[0].device, grads[0].dtype)])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+    flags = flat[flat.numel() - len(params):]
+    for p, g, flag in zip(params, grads, flags.tolist()):
+        if flag > 0:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            p.grad = g
+        else:
+            p.grad = None
         offset += g.numel()
 
 
