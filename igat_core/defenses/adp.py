@@ -76,8 +76,8 @@ class ADP(BaseMethod):
         loss = ce - self.alpha * entropy - self.beta * log_det
         metrics = {"ce": float(ce.detach()), "entropy": float(entropy.detach()), "log_det": float(log_det.detach())}
         if self.plus_adv:
-            attack = self.adv.attack(ensemble.with_combiner("average"), generator)
-            adv_ce = member_cross_entropies(ensemble.member_logits(attack(x, y)), y).sum()
+            x_adv = self.adv.against_average(ensemble, x, y, generator)
+            adv_ce = member_cross_entropies(ensemble.member_logits(x_adv), y).sum()
             loss = loss + adv_ce
             metrics["adv_ce"] = float(adv_ce.detach())
         return LossOutput(loss, metrics)

@@ -174,6 +174,11 @@ class PgdSettings:
         return PGD(model, self.eps, self.step, self.steps, self.random_start, model_mode=self.model_mode,
                    generator=generator)
 
+    def against_average(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator | None) -> torch.Tensor:
+        """Adversarial examples against the averaged ensemble."""
+        return self.attack(ensemble.with_combiner("average"), generator)(x, y)
+
 
 def add_input_noise(x: torch.Tensor, std: float, prob: float, generator: torch.Generator | None) -> torch.Tensor:
     """Gaussian noise N(0, std^2) added to each image with probability `prob`, not clipped (GAL/CLDL loaders)."""

@@ -186,8 +186,7 @@ class CLDL(BaseMethod):
         loss = kls.mean() - self.alpha * jsd + self.beta * coherence
         metrics = {"kl": float(kls.sum().detach()), "jsd": float(jsd.detach()), "coherence": float(coherence.detach())}
         if self.plus_adv:
-            attack = self.adv.attack(ensemble.with_combiner("average"), generator)
-            x_adv = attack(x, y)
+            x_adv = self.adv.against_average(ensemble, x, y, generator)
             adv_kls, _ = self.member_terms(ensemble, x_adv.unsqueeze(0).expand(n, *x_adv.shape), y)
             loss = loss + adv_kls.mean()
             metrics["adv_kl"] = float(adv_kls.sum().detach())

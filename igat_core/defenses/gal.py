@@ -60,8 +60,8 @@ class GAL(BaseMethod):
         loss = ces.mean() + self.lam * coherence
         metrics = {"ce": float(ces.sum().detach()), "coherence": float(coherence.detach())}
         if self.plus_adv:
-            attack = self.adv.attack(ensemble.with_combiner("average"), generator)
-            adv_ce = member_cross_entropies(ensemble.member_logits(attack(x, y)), y).mean()
+            x_adv = self.adv.against_average(ensemble, x, y, generator)
+            adv_ce = member_cross_entropies(ensemble.member_logits(x_adv), y).mean()
             loss = loss + adv_ce
             metrics["adv_ce"] = float(adv_ce.detach())
         return LossOutput(loss, metrics)
