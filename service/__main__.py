@@ -1,4 +1,4 @@
-"""``python -m service serve|submit|status|results|cancel`` (the same commands as ``igat ...``)."""
+"""``python -m service serve|migrate|submit|status|results|cancel`` (the same commands as ``igat ...``)."""
 
 from service.cli import make_app
 

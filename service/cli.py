@@ -1,4 +1,4 @@
-"""``igat serve`` and the thin REST client (``igat submit / status / results / cancel``).
+"""``igat serve``, ``igat migrate`` and the thin REST client (``igat submit / status / results / cancel``).
 
 `register(app)` adds these commands to a typer app (``igat_core.cli`` does that lazily); ``python -m service``
 offers them standalone. Heavy imports (uvicorn, SQLAlchemy, the app) happen inside the commands.
@@ -86,6 +86,23 @@ def serve(
             typer.echo("igat serve: stopping the local Ray head")
             head.stop()
             (Path(settings.artifact_root).parent / "ray-head.pid").unlink(missing_ok=True)
+
+
+def migrate(
+    revision: Annotated[str, typer.Option(help="Alembic revision to upgrade to")] = "head",
+) -> None:
+    """Bring the database of IGAT_DATABASE_URL up to date (run once before the API and dispatchers start)."""
+    from sqlalchemy.exc import OperationalError
+
+    from service.db import migrate as upgrade
+    from service.settings import get_settings
+
+    url = get_settings().database_url
+    try:
+        upgrade(url, revision)
+    except OperationalError as exc:
+        _fail(f"igat migrate: cannot reach the database {_redact(url)}: {exc.orig}")
+    typer.echo(f"igat migrate: {_redact(url)} is at revision {revision}")
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
@@ -366,8 +383,9 @@ def cancel(experiment_id: Annotated[str, typer.Argument(help="experiment id")]) 
 
 
 def register(app: typer.Typer) -> None:
-    """Add serve / submit / status / results / cancel to ``app``."""
+    """Add serve / migrate / submit / status / results / cancel to ``app``."""
     app.command("serve")(serve)
+    app.command("migrate")(migrate)
     app.command("submit")(submit)
     app.command("status")(status)
     app.command("results")(results)
