@@ -320,6 +320,8 @@ def test_cldl_owns_its_label_confusion_model():
 def test_bad_parameters_name_themselves():
     with pytest.raises(ValueError, match="'alpah'"):
         build_method("adp", {"alpah": 1.0})
+    with pytest.raises(ValueError, match=r"'eps' for base method 'plain'; known: \(none\)$"):
+        build_method("plain", {"eps": 0.1})
     with pytest.raises(ValueError, match="'eps'"):
         build_method("dverge", {"eps": -0.1})
     with pytest.raises(ValueError, match="'pairs'"):

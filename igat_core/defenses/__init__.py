@@ -29,7 +29,9 @@ DEFENSES: dict[str, type[BaseMethod]] = {
 
 def method_parameters(name: str) -> list[str]:
     """The constructor parameters a base method accepts through `base.params`."""
-    return [p for p in inspect.signature(DEFENSES[name].__init__).parameters if p != "self"]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in inspect.signature(DEFENSES[name].__init__).parameters.values()
+            if p.name != "self" and p.kind in named]
 
 
 def build_method(name: str, params: dict[str, Any] | None = None) -> BaseMethod:
