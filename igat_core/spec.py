@@ -23,6 +23,22 @@ AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", 
 SweepAttackName = Literal["pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
 BnMode = Literal["eval", "train"]
 
+# The `base.params` names each method's constructor takes (igat_core.defenses; test_defenses keeps the two equal),
+# so that a misspelt parameter is refused when the spec is read rather than when its run starts.
+_ADV = ("plus_adv", "adv_eps", "adv_step", "adv_steps", "adv_random_start", "model_mode")
+METHOD_PARAMETERS: dict[str, frozenset[str]] = {
+    "plain": frozenset(),
+    "pgd_at": frozenset({"eps", "step", "steps", "random_start", "model_mode"}),
+    "adp": frozenset({"alpha", "beta", "log_offset", "det_offset", *_ADV}),
+    "gal": frozenset({"lam", "log_offset", "noise_std", "noise_prob", *_ADV}),
+    "dverge": frozenset({"eps", "step", "steps", "momentum", "random_start", "layer", "before_relu", "pairs",
+                         "dverge_coeff", "warmup_epochs", *_ADV}),
+    "trs": frozenset({"lambda_a", "lambda_b", "plus_adv", "init_eps", "adv_eps", "adv_steps", "accumulate_grad",
+                      "model_mode"}),
+    "soe": frozenset({"aux_weight", "weighting", "sigma", "attack_target", *_ADV}),
+    "cldl": frozenset({"alpha", "beta", "ld_coeff", "coh_mean", "noise_std", "noise_prob", "head_hidden", *_ADV}),
+}
+
 
 def _parse_fraction(value: Any) -> Any:
     if isinstance(value, str):
@@ -91,6 +107,15 @@ class BaseSpec(_Strict):
     )
     attack: AttackSpec = Field(default_factory=AttackSpec, description="per-member PGD used by pgd_at (other "
                                "methods take their PGD settings in params)")
+
+    @model_validator(mode="after")
+    def _known_params(self) -> BaseSpec:
+        known = METHOD_PARAMETERS[self.method]
+        unknown = sorted(set(self.params) - known)
+        if unknown:
+            raise ValueError(f"params: unknown parameter {unknown[0]!r} for base method {self.method!r}; "
+                             f"known: {', '.join(sorted(known)) or '(none)'}")
+        return self
 
 
 class IgatSpec(_Strict):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from igat_core.defenses import ADP, CLDL, DVERGE, GAL, SoE, TRS, build_method
+from igat_core.defenses import ADP, CLDL, DEFENSES, DVERGE, GAL, SoE, TRS, build_method, method_parameters
 from igat_core.defenses.adp import ensemble_entropy, log_det_diversity
 from igat_core.defenses.cldl import label_dependency_diversity, soft_label_kl, soft_labels
 from igat_core.defenses.dverge import distill_features
@@ -22,7 +22,7 @@ from igat_core.defenses.trs import gradient_magnitude, mean_abs_cosine
 from igat_core.ensemble import Ensemble, ensemble_from_checkpoint
 from igat_core.models import ModelConfig, build_model
 from igat_core.runner import base_method_params, igat_config
-from igat_core.spec import load_spec, parse_spec
+from igat_core.spec import METHOD_PARAMETERS, SpecError, load_spec, parse_spec
 from tests.conftest import digits_config
 
 NEG = -1e4  # a logit whose softmax probability underflows to exactly 0 in float32
@@ -332,6 +332,16 @@ def test_bad_parameters_name_themselves():
         build_method("soe", {"plus_adv": "yes"})
     assert build_method("soe", {"adv_eps": "8/255"}).adv.eps == pytest.approx(8 / 255)
     assert build_method("gal", {"lam": 1}).lam == 1.0
+
+
+def test_the_spec_knows_each_method_parameters_and_refuses_a_misspelt_one():
+    assert {name: set(method_parameters(name)) for name in DEFENSES} == {
+        name: set(known) for name, known in METHOD_PARAMETERS.items()}
+    with pytest.raises(SpecError) as info:
+        parse_spec({"base": {"method": "gal", "params": {"lambda": 0.5}}})
+    (path, message), = info.value.problems
+    assert path == "base" and "'lambda'" in message and "lam" in message
+    assert parse_spec({"base": {"method": "gal", "params": {"lam": 0.5}}}).base.params == {"lam": 0.5}
 
 
 def test_igat_alpha_beta_default_to_the_method_and_spec_values_win():
