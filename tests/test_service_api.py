@@ -76,6 +76,13 @@ def test_invalid_spec_names_each_field(client):
     assert "dataset.name" in r.json()["message"]
 
 
+def test_a_misspelt_base_parameter_is_refused_at_submission(client):
+    r = submit(client, {"base": {"method": "adp", "params": {"alpah": 2.0}}})
+    assert r.status_code == 422
+    (problem,) = r.json()["detail"]
+    assert problem["field"] == "base" and "'alpah'" in problem["msg"] and "alpha" in problem["msg"]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
