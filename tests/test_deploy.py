@@ -67,11 +67,10 @@ def _containers_in(node) -> list[dict]:
     return []
 
 
-def interpolated(text: str, values: dict[str, str] | None = None) -> str:
-    """Compose's ``${VAR:-default}`` and ``${VAR:?message}`` as compose would fill them in from ``values``."""
-    values = values or {}
-    text = DEFAULTED.sub(lambda m: values.get(m.group(1), m.group(2)), text)
-    return REQUIRED.sub(lambda m: values[m.group(1)] if m.group(1) in values else f"<{m.group(1)}>", text)
+def interpolated(text: str) -> str:
+    """Compose's ``${VAR:-default}`` with its default, and a required ``${VAR:?message}`` as ``<VAR>``."""
+    text = DEFAULTED.sub(lambda m: m.group(2), text)
+    return REQUIRED.sub(lambda m: f"<{m.group(1)}>", text)
 
 
 def argv_of(command: str | list[str]) -> list[str]:
