@@ -3,6 +3,8 @@ local cluster (IGAT_RAY_ADDRESS), on SQLite.
 
 - a 2x2 alpha/beta grid on digits: results.json `tune` names the chosen pair and every trial's score, each
   trial's epochs reach the database under `tune/alpha=..,beta=..`, and the igat phase uses the chosen pair;
+- an ASHA search: its pairs are drawn inside the alphas/betas ranges, and a trial is stopped early only when
+  another trial scored higher at the epoch it stopped at;
 - cancelling a running experiment stops its Ray job (STOPPED), well within 30 seconds;
 - killing the runner (the job's driver) mid-phase re-queues the experiment, and the next attempt (a new Ray
   job) resumes the same Ray Train run from the last epoch checkpoint.
@@ -116,6 +118,40 @@ def test_alpha_beta_grid_through_the_service(served, ray_cluster):
     assert all((run_dir / "ray" / f"{experiment_id}-{phase}").is_dir() for phase in ("pretrain", "tune", "igat"))
     assert job_client(ray_cluster).get_job_status(f"igat-{experiment_id}-1").value == "SUCCEEDED"
     assert any(e["phase"] == "job" and e["event"] == "log" for e in read_jsonl(run_dir / "events.jsonl"))
+
+
+@pytest.mark.timeout(600)
+def test_asha_search_draws_pairs_in_the_ranges_and_stops_only_trials_behind_another(served):
+    spec = tiny_spec("asha", pretrain_epochs=6, train_limit=512, tune=True)
+    spec["tune"].update({"mode": "asha", "alphas": [1, 10], "betas": [5, 20], "num_samples": 4, "epochs": 4,
+                         "grace_period": 1, "reduction_factor": 2})
+    experiment_id = submit(served, spec)
+    done = wait_for(lambda: finished(served, experiment_id), 540, interval=1.0, what="the ASHA experiment")
+    assert done["status"] == "succeeded", done.get("error")
+    with served.client() as client:
+        tune = client.get(f"/results/{experiment_id}").json()["tune"]
+
+    trials = tune["trials"]
+    assert tune["mode"] == "asha" and len(trials) == 4
+    assert all(1 <= t["alpha"] <= 10 and 5 <= t["beta"] <= 20 for t in trials)
+    assert len({(t["alpha"], t["beta"]) for t in trials}) == 4
+    assert all((t["status"] == "completed") == (t["epochs"] == 4) and 1 <= t["epochs"] <= 4 for t in trials)
+    assert any(t["status"] == "completed" for t in trials)  # the first trial at the last rung always goes on
+
+    rows = metrics(served, experiment_id)
+    score = {(m["phase"], m["epoch"]): m["values"]["val_pgd"] for m in rows if m["phase"].startswith("tune/")}
+    for t in trials:
+        assert t["epochs"] <= t["trained_epochs"] <= 4
+        logged = sorted(e for p, e in score if p == t["phase"])  # a stopped run may die between checkpoint and log
+        assert logged == list(range(1, len(logged) + 1)) and t["epochs"] <= len(logged) <= t["trained_epochs"]
+        assert t["val_pgd"] == score[(t["phase"], t["epochs"])]
+    for t in (t for t in trials if t["status"] == "stopped early"):
+        at_rung = [score[(other["phase"], t["epochs"])] for other in trials if other is not t
+                   and (other["phase"], t["epochs"]) in score]
+        assert score[(t["phase"], t["epochs"])] < max(at_rung), (t, at_rung)
+    assert tune["chosen"]["val_pgd"] == max(t["val_pgd"] for t in trials)
+    print("asha trials:", [(round(t["alpha"], 2), round(t["beta"], 2), t["epochs"], t["trained_epochs"], t["val_pgd"])
+                           for t in trials])
 
 
 @pytest.mark.timeout(300)

@@ -9,7 +9,8 @@ results.json, same resume rules), with two substitutions:
   a Train run (Train inside Tune) fine-tuning the base ensemble with one pair, scored every epoch by PGD
   accuracy on the validation split (never the test split). Each trial's epochs land in metrics.jsonl under the
   phase ``tune/alpha=A,beta=B``; results.json ``tune`` lists every trial and the chosen pair, which the igat
-  phase then uses.
+  phase then uses. A trial's ``epochs`` are those Tune scored before its decision; ASHA's stop reaches a Train
+  run a moment late, so ``trained_epochs`` (its last checkpoint) may be higher.
 
 A relaunched runner (same RUN_DIR) skips finished phases and trials and resumes the others from their last
 epoch checkpoint. It connects to ``--address`` (default: RAY_ADDRESS, which a Ray Job sets), or starts a
@@ -92,6 +93,10 @@ def trial_phase(alpha: float, beta: float) -> str:
     return phase if len(phase) <= MAX_PHASE_CHARS else f"tune/a={alpha:.4g},b={beta:.4g}"[:MAX_PHASE_CHARS]
 
 
+def trial_checkpoint_dir(run_dir: Path, alpha: float, beta: float) -> Path:
+    return run_dir / "checkpoints" / "tune" / trial_key(alpha, beta)
+
+
 @dataclass
 class TrialContext:
     """Everything a trial needs, put into the object store once (tune.with_parameters)."""
@@ -113,7 +118,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     alpha, beta = float(config["alpha"]), float(config["beta"])
     phase = trial_phase(alpha, beta)
-    trial_dir = context.run_dir / "checkpoints" / "tune" / trial_key(alpha, beta)
+    trial_dir = trial_checkpoint_dir(context.run_dir, alpha, beta)
     score_file = trial_dir / "score.json"
     if score_file.exists():  # finished by an earlier launch of the runner
         tune.report(json.loads(score_file.read_text()))
@@ -196,9 +201,11 @@ def tune_phase(runner: Runner, train: Split) -> dict:
         metrics = result.metrics or {}
         score = metrics.get(VAL_METRIC)
         epochs = int(metrics.get("epochs", metrics.get("epoch", 0)) or 0)
+        trained = load_last_checkpoint(trial_checkpoint_dir(runner.out, alpha, beta))
         status = "error" if result.error else ("completed" if epochs >= optim.epochs else "stopped early")
         records.append({"alpha": alpha, "beta": beta, "phase": trial_phase(alpha, beta), VAL_METRIC: score,
-                        "val_natural": metrics.get("val_natural"), "epochs": epochs, "status": status,
+                        "val_natural": metrics.get("val_natural"), "epochs": epochs,
+                        "trained_epochs": int(trained["epoch"]) if trained else 0, "status": status,
                         **({"error": str(result.error).splitlines()[0][:500]} if result.error else {})})
     scored = [r for r in records if r[VAL_METRIC] is not None]
     if not scored:
