@@ -70,10 +70,10 @@ def serve(
     migrate(settings.database_url)
     typer.echo(f"igat serve: database {_redact(settings.database_url)}, artifacts in {settings.artifact_root}")
 
-    head = _start_ray(settings, ray_cpus) if executor == "ray" else None
-    # uvicorn re-raises SIGTERM/SIGINT after its shutdown; this handler turns that into an exit through the
-    # finally blocks below, so the dispatcher and the Ray head are stopped too
+    # SIGTERM becomes an exit through the finally blocks (uvicorn re-raises it after its own shutdown), so a
+    # half-started or running Ray head and the dispatcher are stopped too
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    head = _start_ray(settings, ray_cpus) if executor == "ray" else None
     try:
         supervisor = _DispatcherSupervisor(executor, log_level)
         supervisor.start()
@@ -123,7 +123,8 @@ def _start_ray(settings: Any, num_cpus: int | None) -> Any:
         _fail(f"igat serve: could not start a local Ray head: {exc}")
     os.environ["IGAT_RAY_ADDRESS"] = head.dashboard_url
     (log_path.parent / "ray-head.pid").write_text(f"{head.process.pid}\n")
-    typer.echo(f"igat serve: local Ray head up, dashboard {head.dashboard_url} (log {log_path})")
+    typer.echo(f"igat serve: local Ray head up at {head.gcs_address}, dashboard {head.dashboard_url} "
+               f"(log {log_path})")
     return head
 
 

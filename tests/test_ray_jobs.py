@@ -17,6 +17,7 @@ from igat_core.spec import parse_spec
 from tests.service_fixtures import ROOT, free_port, make_settings, pid_alive, wait_for
 from workers.executors import ExecutorUnavailable, make_executor
 from workers.executors.ray_jobs import exit_code_of, submission_id
+from workers.ray_cluster import ray_address_file
 
 
 def test_job_states_map_to_exit_codes_the_dispatcher_understands():
@@ -44,6 +45,10 @@ def test_igat_run_refuses_the_search_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def names_port(address_file: Path, port: str) -> bool:
+    return address_file.exists() and address_file.read_text().strip().rsplit(":", 1)[-1] == port
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_serve_defaults_to_ray_and_stops_its_head(tmp_path):
@@ -65,17 +70,53 @@ def test_serve_defaults_to_ray_and_stops_its_head(tmp_path):
 
         wait_for(healthy, 180, interval=0.5, what="igat serve with a local Ray head")
         head_pid = int(pid_file.read_text())
-        dashboard = next(line.split("dashboard ")[1].split()[0] for line in log.read_text().splitlines()
-                         if "local Ray head up" in line)
+        head_up = next(line for line in log.read_text().splitlines() if "local Ray head up" in line)
+        dashboard = head_up.split("dashboard ")[1].split()[0]
+        gcs_port = head_up.split(" up at ")[1].split(",")[0].rsplit(":", 1)[1]
         assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 200
         assert pid_alive(head_pid)
+        wait_for(lambda: names_port(ray_address_file(), gcs_port), 30, interval=0.5, what="Ray's address file")
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=120)
     assert not pid_alive(head_pid), "the Ray head outlived igat serve"
+    assert not names_port(ray_address_file(), gcs_port), "a plain ray.init() would still look for the stopped head"
     assert not pid_file.exists()
     assert "Traceback" not in log.read_text()
     assert Path(tmp_path / "var" / "ray-head.log").exists()
+
+
+def writers_of(path: Path) -> list[int]:
+    """Live processes whose stdout is `path` (the Ray head and its children inherit the head log)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "fd" / "1") == str(path):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_sigterm_while_the_ray_head_starts_leaves_no_ray_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("IGAT_EXECUTOR", "IGAT_RAY_ADDRESS", "RAY_ADDRESS")}
+    env.update({"PYTHONPATH": str(ROOT), "IGAT_API_TOKEN": "t" * 24, "RAY_USAGE_STATS_ENABLED": "0"})
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(free_port()), "--ray-cpus", "1"],
+                             cwd=tmp_path, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    head_log = tmp_path / "var" / "ray-head.log"
+    try:
+        wait_for(lambda: writers_of(head_log), 120, interval=0.05, what="the Ray head to be spawned")
+        assert "local Ray head up" not in log.read_text()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=120)
+    assert serve.returncode == 128 + signal.SIGTERM, log.read_text()
+    assert writers_of(head_log) == [], "Ray processes outlived igat serve"
+    assert "local Ray head up" not in log.read_text()
 
 
 def test_trials_run_as_many_at_once_as_the_cluster_holds():

@@ -2,7 +2,8 @@
 
 Every port is picked free (GCS, dashboard, client server, agents), so it never collides with another Ray on the
 same machine, and stopping it touches only the processes it started: SIGTERM to the blocking `ray start`, which
-shuts its node down, then SIGKILL to whatever is left of its process group.
+shuts its node down, then SIGKILL to whatever is left of its process group. It also forgets the head in Ray's
+address file (`ray_current_cluster`, which a plain `ray.init()` follows) when the file still names it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def ray_address_file() -> Path:
+    """Where `ray start` records the newest head for `ray.init()` without an address (Ray's temp-dir rule)."""
+    linux_tmp = os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    system_tmp = os.environ.get("RAY_TMPDIR") or linux_tmp or "/tmp"
+    return Path(system_tmp) / "ray" / "ray_current_cluster"
+
+
 @dataclass
 class LocalRayHead:
     process: subprocess.Popen[bytes]
@@ -56,6 +64,16 @@ class LocalRayHead:
             pass
         if self.process.poll() is None:
             self.process.wait()
+        self.forget_address()
+
+    def forget_address(self) -> None:
+        address_file = ray_address_file()
+        port = self.gcs_address.rsplit(":", 1)[1]
+        try:
+            if address_file.read_text().strip().rsplit(":", 1)[-1] == port:
+                address_file.unlink()
+        except OSError:
+            pass
 
 
 def dashboard_ready(url: str) -> bool:
@@ -96,10 +114,13 @@ def start_local_head(*, num_cpus: int | None = None, num_gpus: int | None = None
             out.close()  # type: ignore[union-attr]
     head = LocalRayHead(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", log_path)
     deadline = time.monotonic() + timeout
-    while not dashboard_ready(head.dashboard_url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            head.stop(timeout=10)
-            tail = log_path.read_text()[-3000:] if log_path is not None and log_path.exists() else ""
-            raise RuntimeError(f"the local Ray head did not come up (exit code {process.poll()})\n{tail}")
-        time.sleep(0.5)
+    try:
+        while not dashboard_ready(head.dashboard_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text()[-3000:] if log_path is not None and log_path.exists() else ""
+                raise RuntimeError(f"the local Ray head did not come up (exit code {process.poll()})\n{tail}")
+            time.sleep(0.5)
+    except BaseException:  # a failed start, or SIGTERM / Ctrl-C while waiting: the head must not outlive us
+        head.stop(timeout=10)
+        raise
     return head
