@@ -114,7 +114,7 @@ def _start_ray(settings: Any, num_cpus: int | None) -> Any:
     if settings.ray_address:
         typer.echo(f"igat serve: Ray cluster {settings.ray_address} (IGAT_RAY_ADDRESS)")
         return None
-    from workers.ray_cluster import start_local_head
+    from workers.ray_cluster import ray_auth_mode, start_local_head
 
     log_path = Path(settings.artifact_root).parent / "ray-head.log"
     try:
@@ -122,6 +122,7 @@ def _start_ray(settings: Any, num_cpus: int | None) -> Any:
     except RuntimeError as exc:
         _fail(f"igat serve: could not start a local Ray head: {exc}")
     os.environ["IGAT_RAY_ADDRESS"] = head.dashboard_url
+    os.environ["RAY_AUTH_MODE"] = ray_auth_mode()  # the dispatcher's Ray clients match the head
     (log_path.parent / "ray-head.pid").write_text(f"{head.process.pid}\n")
     typer.echo(f"igat serve: local Ray head up at {head.gcs_address}, dashboard {head.dashboard_url} "
                f"(log {log_path})")

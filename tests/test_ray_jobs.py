@@ -119,6 +119,23 @@ def test_sigterm_while_the_ray_head_starts_leaves_no_ray_process(tmp_path):
     assert "local Ray head up" not in log.read_text()
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_ray_token_left_by_an_earlier_ray_init_does_not_lock_out_the_local_head(tmp_path, monkeypatch):
+    from workers.ray_cluster import start_local_head
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("a" * 64)  # what a plain local ray.init() leaves in ~/.ray
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    head = start_local_head(num_cpus=1, log_path=tmp_path / "head.log", timeout=90)
+    try:
+        assert httpx.get(f"{head.dashboard_url}/api/version", timeout=5).status_code == 200
+    finally:
+        head.stop()
+    assert "Token authentication is enabled" not in (tmp_path / "head.log").read_text()
+
+
 def test_trials_run_as_many_at_once_as_the_cluster_holds():
     from workers.ray_train import RayScaling
     from workers.runner import max_concurrent_trials, trial_phase

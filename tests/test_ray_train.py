@@ -95,6 +95,40 @@ def test_a_method_with_its_own_parameters_trains_on_two_workers_that_stay_identi
     assert all(torch.isfinite(t).all() for t in state["method"]["lcm"].values())
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["dverge", "soe"])
+def test_methods_with_member_optimisers_or_routing_heads_train_on_two_workers_then_igat(name, ray_driver, tmp_path):
+    from workers.ray_train import RayScaling, RayTrainFit
+    from workers.runner import MetricsWriter
+
+    from igat_core.data import Split
+    from igat_core.defenses import build_method
+    from igat_core.igat import IgatConfig, IgatObjective
+    from tests.test_defenses_training import FAST
+
+    digits = load_dataset("digits", "train")
+    train = Split(digits.images[:256], digits.labels[:256], digits.info)
+    method = build_method(name, FAST[name])
+    torch.manual_seed(0)
+    ensemble = Ensemble(method.configure_model(digits_config(width=8)), members=3)
+    method.setup(ensemble)
+    phases = [("pretrain", method, TrainConfig(epochs=1, batch_size=32, lr=0.01, optimizer="adam", seed=0)),
+              ("igat", IgatObjective(method, IgatConfig(*method.igat_defaults, eps=0.1, step=0.05, steps=2)),
+               TrainConfig(epochs=1, batch_size=64, lr=0.01, seed=0))]
+    for phase, objective, config in phases:  # each raises if the two ranks' parameters diverged
+        request = FitRequest(phase, ensemble, objective, train, config, tmp_path / phase, torch.device("cpu"),
+                             MetricsWriter(tmp_path, phase), progress=False)
+        RayTrainFit(RayScaling(2, False, 1.0, tmp_path / "ray", f"test-{name}-{phase}"))(request)
+
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["pretrain", "igat"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert any(k.startswith("base_") for k in rows[1]) and "global_adv_loss" in rows[1]
+    state = torch.load(tmp_path / "igat" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["method"].keys() == method.state_dict().keys()
+
+
 def test_gradient_average_keeps_unused_parameters_without_a_gradient(tmp_path):
     import torch.distributed as dist
 

@@ -76,10 +76,20 @@ class LocalRayHead:
             pass
 
 
+def ray_auth_mode() -> str:
+    """RAY_AUTH_MODE when set, else "disabled": Ray's own default for `ray start` would turn token authentication
+    on whenever some earlier plain `ray.init()` left a token in ~/.ray, so the same command would start differently
+    configured heads on different machines."""
+    return os.environ.get("RAY_AUTH_MODE") or "disabled"
+
+
 def dashboard_ready(url: str) -> bool:
+    """The dashboard answers: 200, or 401/403 when the head runs with token authentication."""
     try:
         with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
             return response.status == 200
+    except urllib.error.HTTPError as exc:
+        return exc.code in (401, 403)
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -103,7 +113,7 @@ def start_local_head(*, num_cpus: int | None = None, num_gpus: int | None = None
         command.append(f"--num-gpus={num_gpus}")
     if object_store_bytes is not None:
         command.append(f"--object-store-memory={object_store_bytes}")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": ray_auth_mode()}
     env.pop("RAY_ADDRESS", None)
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
     try:
