@@ -86,6 +86,14 @@ def load_last_checkpoint(checkpoint_dir: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def last_checkpoint_epoch(checkpoint_dir: Path) -> int:
+    """The epoch of the last checkpoint (0 when none); memory-mapped, so the weights are not read."""
+    path = checkpoint_dir / LAST_CHECKPOINT
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
 def restore_ensemble(checkpoint_dir: Path) -> Ensemble | None:
     """The ensemble saved by the last completed epoch, if any."""
     state = load_last_checkpoint(checkpoint_dir)

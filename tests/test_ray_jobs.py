@@ -17,7 +17,7 @@ from igat_core.spec import parse_spec
 from tests.service_fixtures import ROOT, free_port, make_settings, pid_alive, wait_for
 from workers.executors import ExecutorUnavailable, make_executor
 from workers.executors.ray_jobs import exit_code_of, submission_id
-from workers.ray_cluster import ray_address_file
+from workers.ray_cluster import recorded_head_port
 
 
 def test_job_states_map_to_exit_codes_the_dispatcher_understands():
@@ -45,20 +45,21 @@ def test_igat_run_refuses_the_search_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def names_port(address_file: Path, port: str) -> bool:
-    return address_file.exists() and address_file.read_text().strip().rsplit(":", 1)[-1] == port
+def start_serve(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`igat serve` on its own local Ray head (one logical CPU), in its own session."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IGAT_EXECUTOR", "IGAT_RAY_ADDRESS", "RAY_ADDRESS")}
+    env.update({"PYTHONPATH": str(ROOT), "IGAT_API_TOKEN": "t" * 24, "RAY_USAGE_STATS_ENABLED": "0"})
+    return subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--ray-cpus", "1"],
+                            cwd=tmp_path, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_serve_defaults_to_ray_and_stops_its_head(tmp_path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("IGAT_EXECUTOR", "IGAT_RAY_ADDRESS", "RAY_ADDRESS")}
-    env.update({"PYTHONPATH": str(ROOT), "IGAT_API_TOKEN": "t" * 24, "RAY_USAGE_STATS_ENABLED": "0"})
     log = tmp_path / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--ray-cpus", "1"],
-                             cwd=tmp_path, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    serve = start_serve(tmp_path, port, log)
     pid_file = tmp_path / "var" / "ray-head.pid"
     try:
         def healthy():
@@ -75,12 +76,12 @@ def test_serve_defaults_to_ray_and_stops_its_head(tmp_path):
         gcs_port = head_up.split(" up at ")[1].split(",")[0].rsplit(":", 1)[1]
         assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 200
         assert pid_alive(head_pid)
-        wait_for(lambda: names_port(ray_address_file(), gcs_port), 30, interval=0.5, what="Ray's address file")
+        wait_for(lambda: recorded_head_port() == gcs_port, 30, interval=0.5, what="Ray's address file")
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=120)
     assert not pid_alive(head_pid), "the Ray head outlived igat serve"
-    assert not names_port(ray_address_file(), gcs_port), "a plain ray.init() would still look for the stopped head"
+    assert recorded_head_port() != gcs_port, "a plain ray.init() would still look for the stopped head"
     assert not pid_file.exists()
     assert "Traceback" not in log.read_text()
     assert Path(tmp_path / "var" / "ray-head.log").exists()
@@ -101,12 +102,8 @@ def writers_of(path: Path) -> list[int]:
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_sigterm_while_the_ray_head_starts_leaves_no_ray_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("IGAT_EXECUTOR", "IGAT_RAY_ADDRESS", "RAY_ADDRESS")}
-    env.update({"PYTHONPATH": str(ROOT), "IGAT_API_TOKEN": "t" * 24, "RAY_USAGE_STATS_ENABLED": "0"})
     log = tmp_path / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(free_port()), "--ray-cpus", "1"],
-                             cwd=tmp_path, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    serve = start_serve(tmp_path, free_port(), log)
     head_log = tmp_path / "var" / "ray-head.log"
     try:
         wait_for(lambda: writers_of(head_log), 120, interval=0.05, what="the Ray head to be spawned")

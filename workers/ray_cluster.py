@@ -67,13 +67,16 @@ class LocalRayHead:
         self.forget_address()
 
     def forget_address(self) -> None:
-        address_file = ray_address_file()
-        port = self.gcs_address.rsplit(":", 1)[1]
-        try:
-            if address_file.read_text().strip().rsplit(":", 1)[-1] == port:
-                address_file.unlink()
-        except OSError:
-            pass
+        if recorded_head_port() == self.gcs_address.rsplit(":", 1)[1]:
+            ray_address_file().unlink(missing_ok=True)
+
+
+def recorded_head_port() -> str | None:
+    """The GCS port of the head in Ray's address file, if there is one."""
+    try:
+        return ray_address_file().read_text().strip().rsplit(":", 1)[-1]
+    except OSError:
+        return None
 
 
 def ray_auth_mode() -> str:

@@ -37,7 +37,7 @@ from igat_core.ensemble import Ensemble, ensemble_from_checkpoint, load_ensemble
 from igat_core.igat import IgatConfig, IgatObjective
 from igat_core.runner import BASE_CHECKPOINT, RunLog, Runner, base_method_params, train_config
 from igat_core.spec import ExperimentSpec, SpecError, load_spec
-from igat_core.train import FitRequest, TrainConfig, load_last_checkpoint
+from igat_core.train import FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint
 from workers.ray_train import RayScaling, RayTrainFit
 
 VAL_METRIC = "val_pgd"
@@ -129,8 +129,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                          MetricsWriter(context.run_dir, phase), progress=False)
     name = f"{context.scaling.name_prefix}-tune-{trial_key(alpha, beta).replace(',', '-')}"
     RayTrainFit(context.scaling, callbacks=[TuneReportCallback()], scorer=context.scorer, run_name=name)(request)
-    state = load_last_checkpoint(trial_dir)
-    score = {**context.scorer(ensemble, torch.device("cpu")), "epochs": int(state["epoch"]) if state else 0}
+    score = {**context.scorer(ensemble, torch.device("cpu")), "epochs": last_checkpoint_epoch(trial_dir)}
     tmp = score_file.with_name("score.json.tmp")
     tmp.write_text(json.dumps(score))
     os.replace(tmp, score_file)
@@ -201,11 +200,11 @@ def tune_phase(runner: Runner, train: Split) -> dict:
         metrics = result.metrics or {}
         score = metrics.get(VAL_METRIC)
         epochs = int(metrics.get("epochs", metrics.get("epoch", 0)) or 0)
-        trained = load_last_checkpoint(trial_checkpoint_dir(runner.out, alpha, beta))
         status = "error" if result.error else ("completed" if epochs >= optim.epochs else "stopped early")
         records.append({"alpha": alpha, "beta": beta, "phase": trial_phase(alpha, beta), VAL_METRIC: score,
                         "val_natural": metrics.get("val_natural"), "epochs": epochs,
-                        "trained_epochs": int(trained["epoch"]) if trained else 0, "status": status,
+                        "trained_epochs": last_checkpoint_epoch(trial_checkpoint_dir(runner.out, alpha, beta)),
+                        "status": status,
                         **({"error": str(result.error).splitlines()[0][:500]} if result.error else {})})
     scored = [r for r in records if r[VAL_METRIC] is not None]
     if not scored:
