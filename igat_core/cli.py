@@ -37,7 +37,7 @@ def run(
         raise fail(str(exc), code=2) from None
 
     from igat_core.data import DatasetUnavailable
-    from igat_core.report import accuracy_table, improvement_table
+    from igat_core.report import accuracy_table, comparison_text
     from igat_core.runner import run_experiment
 
     out = out or Path("runs") / spec.name
@@ -48,9 +48,9 @@ def run(
     typer.echo(f"\n{spec.name}: accuracy (%) on {results['evaluation']['n_examples']} test examples, "
                f"eps {results['evaluation']['eps'] * 255:.2f}/255\n")
     typer.echo(accuracy_table(results))
-    table2 = improvement_table(results)
-    if table2:
-        typer.echo("\nRelative improvement by iGAT (%)\n" + table2)
+    comparisons = comparison_text(results)
+    if comparisons:
+        typer.echo("\n" + comparisons)
     failed = [name for name, c in results["sanity"].items() if not c["passed"]]
     if failed:
         typer.secho(f"\nSANITY CHECKS FAILED: {', '.join(failed)}", fg=typer.colors.RED)

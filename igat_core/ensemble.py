@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -123,8 +124,26 @@ class Ensemble(nn.Module):
         """Self-describing checkpoint: architecture, classes, normalisation, members, combiner and weights."""
         return {"format": CHECKPOINT_FORMAT, **self.describe(), "state_dicts": [m.state_dict() for m in self.members]}
 
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_torch_save(self.checkpoint_payload(), path)
+    def save(self, path: str | os.PathLike, method: MethodState | None = None) -> None:
+        """The checkpoint, with the training method's own state (CLDL's label-confusion model) when given."""
+        payload = self.checkpoint_payload()
+        if method is not None:
+            payload["method"] = {"name": method.name, "state": method.state}
+        atomic_torch_save(payload, path)
+
+
+@dataclass(frozen=True)
+class MethodState:
+    """The state a base method owns besides the members (`BaseMethod.state_dict()`), named by its method."""
+
+    name: str
+    state: dict
+
+
+def method_state(payload: Mapping) -> MethodState | None:
+    """The method state stored in an ensemble checkpoint payload, if any."""
+    stored = payload.get("method")
+    return None if not stored else MethodState(str(stored["name"]), dict(stored["state"]))
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:

@@ -323,6 +323,14 @@ def relative_improvement(base: dict[str, dict[str, float]], enhanced: dict[str, 
     }
 
 
+def point_differences(reference: dict[str, dict[str, float]], enhanced: dict[str, dict[str, float]]
+                      ) -> dict[str, dict[str, float]]:
+    """enhanced - reference in accuracy points per combiner and attack (iGAT over a control or the base)."""
+    return {combiner: {a: enhanced[combiner][a] - reference[combiner][a] for a in reference[combiner]
+                       if a in enhanced.get(combiner, {})}
+            for combiner in reference if combiner in enhanced}
+
+
 def evaluation_record(evaluations: dict[str, EnsembleEvaluation], config: EvalConfig, n_examples: int) -> dict:
     """The JSON form of the evaluations of several models: accuracy[model][combiner][attack], sanity checks
     named `model.check`, mean cost per attacked example, and the eps sweep when it ran."""

@@ -12,7 +12,8 @@ ATTACK_TITLES = {"natural": "Natural", "pgd": "PGD", "cw": "CW", "signhunter": "
                  "mim": "MIM", "simba": "SimBA", "bandits": "Bandits", "union": "Union"}
 TABLE1_ATTACKS = ("natural", "pgd", "cw", "signhunter", "autoattack")
 EXTRA_ATTACKS = ("mim", "simba", "bandits", "union")
-MODEL_TITLES = {"base": "base", "baseline": "baseline", "igat": "iGAT", "model": "model"}
+MODEL_TITLES = {"base": "base", "baseline": "baseline", "continued": "continued", "global_at": "global_at",
+                "igat": "iGAT", "model": "model"}
 COMBINERS = ("average", "max")
 SWEEP_PLOT = "plots/accuracy_vs_eps.png"
 DIAGNOSTICS_PLOT = "plots/diagnostics.png"
@@ -64,17 +65,42 @@ def extra_table(results: dict) -> str:
     return _grid(results, attacks) if attacks else ""
 
 
-def improvement_table(results: dict) -> str:
-    """Table 2: (enhanced - original) / original x 100 for each combiner and attack, one row."""
-    improvement = results.get("improvement") or {}
-    if not improvement:
-        return ""
-    combiners = [c for c in COMBINERS if c in improvement]
-    attacks = [a for a in (*TABLE1_ATTACKS, *EXTRA_ATTACKS) if any(a in improvement[c] for c in combiners)]
-    label = results.get("improvement_label", "iGAT vs base")
+def _comparison_grid(rows: dict[str, dict[str, dict[str, float | None]]]) -> str:
+    """One signed row per label, columns combiner x attack, from {label: values[combiner][attack]}."""
+    first = next(iter(rows.values()))
+    combiners = [c for c in COMBINERS if c in first]
+    attacks = [a for a in (*TABLE1_ATTACKS, *EXTRA_ATTACKS) if any(a in first[c] for c in combiners)]
     header = "| | " + " | ".join(f"{c} {ATTACK_TITLES[a]}" for c in combiners for a in attacks) + " |"
-    cells = [_cell(improvement[c].get(a), signed=True) for c in combiners for a in attacks]
-    return "\n".join([header, "|---|" + "---:|" * len(cells), f"| {label} | " + " | ".join(cells) + " |"])
+    lines = [header, "|---|" + "---:|" * (len(combiners) * len(attacks))]
+    for label, values in rows.items():
+        cells = [_cell(values.get(c, {}).get(a), signed=True) for c in combiners for a in attacks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def improvement_table(results: dict) -> str:
+    """Table 2: (iGAT - reference) / reference x 100 for each combiner and attack, one row per reference (the base
+    and each control model), or the single row of `improvement` (`igat eval --baseline`)."""
+    over = {f"iGAT vs {MODEL_TITLES[m]}": values for m, values in (results.get("improvement_over") or {}).items()}
+    if not over and results.get("improvement"):
+        over = {results.get("improvement_label", "iGAT vs base"): results["improvement"]}
+    return _comparison_grid(over) if over else ""
+
+
+def gain_table(results: dict) -> str:
+    """iGAT's accuracy minus each reference model's (base and controls), in points."""
+    gains = {f"iGAT - {MODEL_TITLES[m]}": values for m, values in (results.get("gain_points") or {}).items()}
+    return _comparison_grid(gains) if gains else ""
+
+
+def comparison_text(results: dict) -> str:
+    """Table 2 and iGAT's gains in points, as `igat run` and `make demo` print them below Table 1."""
+    parts = []
+    if table2 := improvement_table(results):
+        parts.append("Relative improvement by iGAT (%)\n" + table2)
+    if gains := gain_table(results):
+        parts.append("iGAT's gain in accuracy points\n" + gains)
+    return "\n\n".join(parts)
 
 
 def sweep_table(results: dict) -> str:
@@ -126,7 +152,8 @@ def render_report(results: dict) -> str:
               f"{evaluation['eps']:.5f} ({_eps_title(evaluation['eps'])}).", ""]
     for title, table in (("Accuracy (Table 1 layout)", accuracy_table(results)),
                          ("Further attacks and the union over all attacks", extra_table(results)),
-                         ("Relative improvement, % (Table 2 layout)", improvement_table(results))):
+                         ("Relative improvement, % (Table 2 layout)", improvement_table(results)),
+                         ("Gain in accuracy points over the base and the equal-budget controls", gain_table(results))):
         if table:
             parts += [f"## {title}", "", table, ""]
     sweep = sweep_table(results)

@@ -1,8 +1,11 @@
-"""A whole experiment in-process: pretrain (or load) the base ensemble, iGAT fine-tune, evaluate, report.
+"""A whole experiment in-process: pretrain (or load) the base ensemble, iGAT fine-tune, the equal-budget control
+fine-tunes, evaluate, report.
 
-The run directory holds spec.yaml, checkpoints/{base,igat}/, metrics.jsonl, events.jsonl, results.json,
-report.md. Every phase is resumable: rerunning on the same directory skips finished phases and continues the
-interrupted one from its last epoch checkpoint.
+The run directory holds spec.yaml, checkpoints/{base,igat,continued,global_at}/, metrics.jsonl, events.jsonl,
+results.json, report.md. Every phase is resumable: rerunning on the same directory skips finished phases and
+continues the interrupted one from its last epoch checkpoint. Each fine-tune (iGAT and every control in
+`spec.controls`) starts from the same base checkpoint, with the base method's state, and gets the same budget:
+`igat.train`, the same seed and so the same batches.
 """
 
 from __future__ import annotations
@@ -18,18 +21,28 @@ from pathlib import Path
 import torch
 
 from igat_core.data import Split, dataset_info, equidistant_indices, load_dataset
-from igat_core.defenses import DEFENSES, build_method
-from igat_core.ensemble import Ensemble, import_dverge_checkpoint, load_ensemble
-from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record, relative_improvement
-from igat_core.igat import IgatConfig, IgatObjective
+from igat_core.defenses import DEFENSES, BaseMethod, build_method
+from igat_core.defenses.base import MethodHooks
+from igat_core.ensemble import Ensemble, MethodState, import_dverge_checkpoint, load_ensemble, method_state
+from igat_core.evaluate import (EvalConfig, evaluate_ensemble, evaluation_record, point_differences,
+                                relative_improvement)
+from igat_core.igat import CONTROLS, FineTuning, IgatConfig, IgatObjective, control_objective
 from igat_core.models import ModelConfig
 from igat_core.report import write_report
 from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, dump_spec, load_spec
-from igat_core.train import FitFn, FitRequest, TrainConfig, load_last_checkpoint, local_fit, restore_ensemble
+from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
 
-BASE_CHECKPOINT = "checkpoints/base/ensemble.pt"
-IGAT_CHECKPOINT = "checkpoints/igat/ensemble.pt"
+MODELS: tuple[str, ...] = ("base", *CONTROLS, "igat")
 TUNE_RESULTS = "tune.json"
+
+
+def model_checkpoint(model: str) -> str:
+    """The saved ensemble of `model` (base, igat or a control), relative to the run directory."""
+    return f"checkpoints/{model}/ensemble.pt"
+
+
+BASE_CHECKPOINT = model_checkpoint("base")
+IGAT_CHECKPOINT = model_checkpoint("igat")
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -66,14 +79,10 @@ def igat_config(spec: ExperimentSpec) -> IgatConfig:
     alpha = default_alpha if g.alpha is None else g.alpha
     beta = default_beta if g.beta is None else g.beta
     return IgatConfig(alpha=alpha, beta=beta, rule=g.rule, regularizer=g.regularizer,
-                      regularizer_clip=g.regularizer_clip, misclassified_only=g.misclassified_only,
+                      regularizer_clip=g.regularizer_clip, regularizer_on=g.regularizer_on,
+                      misclassified_only=g.misclassified_only,
                       global_loss_mean=g.global_loss_mean, combiner=spec.ensemble.combiner, eps=g.attack.eps,
                       step=g.attack.step, steps=g.attack.steps, random_start=g.attack.random_start, bn_mode=g.bn_mode)
-
-
-def eval_config(spec: ExperimentSpec) -> EvalConfig:
-    e = spec.eval
-    return EvalConfig(tuple(e.attacks), tuple(e.combiners), e.eps, e.step, e.steps, e.batch_size, spec.seed)
 
 
 def base_method_params(spec: ExperimentSpec) -> dict:
@@ -166,8 +175,9 @@ class Runner:
             self._pretrain(train)
         if self.spec.tune.enabled and not self._done("tune"):
             self._tune(train)
-        if self.spec.igat.enabled and not self._done("igat"):
-            self._igat(train)
+        for model in self.fine_tuned_models():
+            if not self._done(model):
+                self._fine_tune(model, train)
         if not self._done("evaluate"):
             self._evaluate()
         results = self._results()
@@ -188,17 +198,15 @@ class Runner:
              checkpoint_name: str) -> float:
         ckpt_dir = self.out / "checkpoints" / checkpoint_name
         config = train_config(optim, self.spec, seed_offset)
-        previous = restore_ensemble(ckpt_dir)
-        resumed_epoch = 0
-        if previous is not None:
-            resumed_epoch = int(torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+        resumed_epoch = last_checkpoint_epoch(ckpt_dir)
         self.log.drop_metrics_after(phase, resumed_epoch)
         self.log.event(phase, "started", f"{phase}: epochs {resumed_epoch + 1}..{optim.epochs}",
                        resumed_from_epoch=resumed_epoch)
         started = time.perf_counter()
         self.fit_fn(FitRequest(phase, ensemble, objective, train, config, ckpt_dir, self.device,
                                lambda m, _: self.log.metrics(m), self.progress))
-        ensemble.cpu().save(ckpt_dir / "ensemble.pt")
+        state = objective.state_dict() if isinstance(objective, MethodHooks) else {}
+        ensemble.cpu().save(ckpt_dir / "ensemble.pt", MethodState(self.spec.base.method, state))
         return time.perf_counter() - started
 
     def _pretrain(self, train: Split) -> None:
@@ -206,8 +214,8 @@ class Runner:
         if base.checkpoint:
             self.log.event("pretrain", "started", f"loading pretrained ensemble {base.checkpoint}")
             started = time.perf_counter()
-            ensemble = self._load_pretrained(base.checkpoint)
-            ensemble.save(self.out / BASE_CHECKPOINT)
+            ensemble, stored = self._load_pretrained(base.checkpoint)
+            ensemble.save(self.out / BASE_CHECKPOINT, stored)
             self._finish_phase("pretrain", time.perf_counter() - started, loaded=base.checkpoint)
             return
         method = build_method(base.method, base_method_params(self.spec))
@@ -217,22 +225,45 @@ class Runner:
         seconds = self._fit("pretrain", ensemble, method, train, base.train, seed_offset=0, checkpoint_name="base")
         self._finish_phase("pretrain", seconds)
 
-    def _load_pretrained(self, path: str) -> Ensemble:
+    def _load_pretrained(self, path: str) -> tuple[Ensemble, MethodState | None]:
+        """The ensemble of `base.checkpoint` and the method state saved with it (an igat checkpoint's)."""
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(payload, dict) and "format" in payload:
-            return load_ensemble(path, self.spec.ensemble.combiner)
-        return import_dverge_checkpoint(path, model_config(self.spec), self.spec.ensemble.combiner)
+            return load_ensemble(path, self.spec.ensemble.combiner), method_state(payload)
+        return import_dverge_checkpoint(path, model_config(self.spec), self.spec.ensemble.combiner), None
 
-    def _igat(self, train: Split) -> None:
-        ensemble = load_ensemble(self.out / BASE_CHECKPOINT, self.spec.ensemble.combiner)
+    def fine_tuned_models(self) -> list[str]:
+        """The models fine-tuned from the base, in the order they train: iGAT, then the spec's controls."""
+        if not self.spec.igat.enabled:
+            return []
+        return ["igat", *(c for c in CONTROLS if c in self.spec.controls)]
+
+    def trained_models(self) -> list[str]:
+        """Every model of this run in results.json's order: base, the controls, iGAT."""
+        return [m for m in MODELS if m == "base" or m in self.fine_tuned_models()]
+
+    def base_method(self) -> BaseMethod:
+        """The base method with the state it trained the base ensemble with (CLDL's label-confusion model)."""
         method = build_method(self.spec.base.method, base_method_params(self.spec))
-        pretrained = load_last_checkpoint(self.out / "checkpoints" / "base")
-        if pretrained is not None and pretrained.get("method"):
-            method.load_state_dict(pretrained["method"])
-        objective = IgatObjective(method, self.tuned_igat_config())
-        seconds = self._fit("igat", ensemble, objective, train, self.spec.igat.train, seed_offset=1,
-                            checkpoint_name="igat")
-        self._finish_phase("igat", seconds)
+        payload = torch.load(self.out / BASE_CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+        stored = method_state(payload) or _legacy_method_state(self.out, method.name)
+        if stored is not None and stored.name == method.name:
+            method.load_state_dict(stored.state)
+        elif method.has_state:
+            found = f"state of {stored.name!r}" if stored else "no method state"
+            self.log.event("pretrain", "warning", f"the base checkpoint holds {found}: {method.name}'s own state "
+                           "(e.g. CLDL's label-confusion model) starts untrained in the fine-tunes")
+        return method
+
+    def fine_tune_objective(self, model: str) -> FineTuning:
+        method, config = self.base_method(), self.tuned_igat_config()
+        return IgatObjective(method, config) if model == "igat" else control_objective(model, method, config)
+
+    def _fine_tune(self, model: str, train: Split) -> None:
+        ensemble = load_ensemble(self.out / BASE_CHECKPOINT, self.spec.ensemble.combiner)
+        seconds = self._fit(model, ensemble, self.fine_tune_objective(model), train, self.spec.igat.train,
+                            seed_offset=1, checkpoint_name=model)
+        self._finish_phase(model, seconds)
 
     def _tune(self, train: Split) -> None:
         assert self.tune_fn is not None
@@ -259,12 +290,12 @@ class Runner:
         images, labels = test.images[idx], test.labels[idx]
         config = EvalConfig.from_spec(self.spec.eval, self.spec.seed)
         evaluation = {}
-        for model, rel in (("base", BASE_CHECKPOINT), ("igat", IGAT_CHECKPOINT)):
-            if (self.out / rel).exists() and (model == "base" or self.spec.igat.enabled):
-                ensemble = load_ensemble(self.out / rel)
-                evaluation[model] = evaluate_ensemble(ensemble, images, labels, config, device=self.device,
-                                                      progress=self.progress, desc=f"evaluate {model}",
-                                                      state_dir=self.out / "eval_state")
+        for model in self.trained_models():
+            self.log.event("evaluate", "model", f"evaluating {model}", model=model)
+            ensemble = load_ensemble(self.out / model_checkpoint(model))
+            evaluation[model] = evaluate_ensemble(ensemble, images, labels, config, device=self.device,
+                                                  progress=self.progress, desc=f"evaluate {model}",
+                                                  state_dir=self.out / "eval_state")
         record = evaluation_record(evaluation, config, len(labels))
         record["diagnostics"] = self._diagnostics(images, labels)
         write_json_atomic(self.out / "evaluation.json", record)
@@ -280,12 +311,12 @@ class Runner:
             return {}
         idx = equidistant_indices(len(labels), min(e.diagnostics_examples, len(labels)))
         diagnostics = {}
-        for model, rel in (("base", BASE_CHECKPOINT), ("igat", IGAT_CHECKPOINT)):
-            if (self.out / rel).exists() and (model == "base" or self.spec.igat.enabled):
-                self.log.event("evaluate", "diagnostics", f"supplement Tables 4-8 for {model}")
-                diagnostics[model] = ensemble_diagnostics(load_ensemble(self.out / rel), images[idx], labels[idx],
-                                                          combiner="average", eps=e.eps, step=e.step, steps=e.steps,
-                                                          device=self.device, seed=self.spec.seed)
+        for model in (m for m in ("base", "igat") if m in self.trained_models()):
+            self.log.event("evaluate", "diagnostics", f"supplement Tables 4-8 for {model}")
+            diagnostics[model] = ensemble_diagnostics(load_ensemble(self.out / model_checkpoint(model)),
+                                                      images[idx], labels[idx], combiner="average", eps=e.eps,
+                                                      step=e.step, steps=e.steps, device=self.device,
+                                                      seed=self.spec.seed)
         return diagnostics
 
     def _results(self) -> dict:
@@ -296,14 +327,15 @@ class Runner:
         if evaluation_file.get("eps_sweep"):
             evaluation["eps_sweep"] = evaluation_file["eps_sweep"]
         improvement = relative_improvement(accuracy["base"], accuracy["igat"]) if "igat" in accuracy else {}
-        artifacts = {"base_checkpoint": BASE_CHECKPOINT}
-        if "igat" in accuracy:
-            artifacts["igat_checkpoint"] = IGAT_CHECKPOINT
+        references = [m for m in accuracy if m != "igat"] if "igat" in accuracy else []
+        artifacts = {f"{model}_checkpoint": model_checkpoint(model) for model in accuracy}
         return {
             "name": self.spec.name,
             "spec": self.spec.model_dump(mode="json"),
             "evaluation": evaluation,
             "improvement": improvement,
+            "improvement_over": {m: relative_improvement(accuracy[m], accuracy["igat"]) for m in references},
+            "gain_points": {m: point_differences(accuracy[m], accuracy["igat"]) for m in references},
             "attack_cost": evaluation_file.get("cost", {}),
             "diagnostics": evaluation_file.get("diagnostics", {}),
             "sanity": evaluation_file["sanity"],
@@ -313,6 +345,12 @@ class Runner:
             "device": str(self.device),
             "torch": torch.__version__,
         }
+
+
+def _legacy_method_state(out: Path, name: str) -> MethodState | None:
+    """Runs made before base checkpoints carried their method state keep it in checkpoints/base/last.pt."""
+    last = load_last_checkpoint(out / "checkpoints" / "base")
+    return MethodState(name, last["method"]) if last is not None and last.get("method") else None
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, progress: bool = True, fit_fn: FitFn = local_fit,

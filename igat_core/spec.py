@@ -22,6 +22,7 @@ RegularizerForm = Literal["paper", "per_member"]
 AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
 SweepAttackName = Literal["pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
 BnMode = Literal["eval", "train"]
+ControlName = Literal["continued", "global_at"]
 
 # The `base.params` names each method's constructor takes (igat_core.defenses; test_defenses keeps the two equal),
 # so that a misspelt parameter is refused when the spec is read rather than when its run starts.
@@ -127,6 +128,9 @@ class IgatSpec(_Strict):
     rule: DistributionRule = "soft"
     regularizer: RegularizerForm = "paper"
     regularizer_clip: float = Field(0.99, gt=0.0, lt=1.0, description="cap on the wrong-class probability in L_R")
+    regularizer_on: Literal["both", "adversarial"] = Field(
+        "both", description="examples L_R averages over: natural and global adversarial (eq. 16), or the adversarial "
+        "ones only (official code's ADP-2 / DVERGE scripts)")
     misclassified_only: bool = Field(False, description="official code: charge only examples the ensemble gets wrong")
     global_loss_mean: Literal["member", "batch"] = Field(
         "member", description="alpha-term: mean over each member's examples (eq. 16) or summed / batch (official code)"
@@ -224,11 +228,24 @@ class ExperimentSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec = Field(default_factory=TuneSpec)
+    controls: list[ControlName] = Field(
+        default_factory=list, max_length=2,
+        description="equal-budget control models fine-tuned from the same base with iGAT's budget (igat.train, "
+        "seed): continued (L_E alone), global_at (L_E + alpha * ensemble adversarial training on the same global "
+        "adversarial examples)")
 
     @model_validator(mode="after")
     def _tune_needs_igat(self) -> ExperimentSpec:
         if self.tune.enabled and not self.igat.enabled:
             raise ValueError("tune.enabled needs igat.enabled: the search picks alpha/beta for the iGAT fine-tune")
+        return self
+
+    @model_validator(mode="after")
+    def _controls_need_igat(self) -> ExperimentSpec:
+        if len(set(self.controls)) != len(self.controls):
+            raise ValueError("controls must not repeat")
+        if self.controls and not self.igat.enabled:
+            raise ValueError("controls need igat.enabled: each control gets the iGAT fine-tune's budget")
         return self
 
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from igat_core.report import accuracy_table, improvement_table
+    from igat_core.report import accuracy_table, comparison_text
     from igat_core.spec import SpecError, load_spec
 
     try:
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{spec.name}: accuracy (%) on {evaluation['n_examples']} test examples, "
               f"eps {evaluation['eps'] * 255:.2f}/255\n")
         print(accuracy_table(results))
-        table2 = improvement_table(results)
-        if table2:
-            print("\nRelative improvement by iGAT (%)\n" + table2)
+        comparisons = comparison_text(results)
+        if comparisons:
+            print("\n" + comparisons)
         print(f"\nigat demo: done in {time.monotonic() - started:.0f}s; results in "
               f"{var / 'artifacts' / experiment_id / 'results.json'}")
         return 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from igat_core.report import (SWEEP_PLOT, accuracy_table, extra_table, improvement_table, render_report,
-                              sweep_table, write_report)
+from igat_core.report import (SWEEP_PLOT, accuracy_table, comparison_text, extra_table, improvement_table,
+                              render_report, sweep_table, write_report)
 from igat_core.runner import Runner
 from igat_core.spec import parse_spec
 
@@ -51,6 +51,19 @@ def test_table_2_is_one_row_of_signed_improvements_with_missing_values_marked():
     lines = improvement_table(results()).splitlines()
     assert lines[0] == "| | average Natural | average PGD | average CW | max Natural | max PGD | max CW |"
     assert lines[2] == "| iGAT vs base | +1.11 | +2.50 | n/a | +1.11 | -2.50 | n/a |"
+
+
+def test_table_2_and_the_gains_have_a_row_per_reference_model_when_controls_ran():
+    with_controls = results()
+    with_controls["improvement_over"] = {"base": {"average": {"pgd": 2.5}}, "continued": {"average": {"pgd": 5.0}},
+                                         "global_at": {"average": {"pgd": -1.25}}}
+    with_controls["gain_points"] = {"base": {"average": {"pgd": 1.0}}, "continued": {"average": {"pgd": 2.0}},
+                                    "global_at": {"average": {"pgd": -0.5}}}
+    assert improvement_table(with_controls).splitlines()[2:] == [
+        "| iGAT vs base | +2.50 |", "| iGAT vs continued | +5.00 |", "| iGAT vs global_at | -1.25 |"]
+    text = render_report(with_controls)
+    assert "| iGAT - global_at | -0.50 |" in text and "Gain in accuracy points" in text
+    assert "iGAT's gain in accuracy points" in comparison_text(with_controls)
 
 
 def test_report_puts_sanity_checks_first_and_flags_failures_without_hiding_numbers():

@@ -27,6 +27,7 @@ TINY = {
     "base": {"method": "plain", "train": {"epochs": 3, "batch_size": 64, "lr": 0.1}},
     "igat": {"attack": {"eps": 0.1, "step": 0.05, "steps": 3},
              "train": {"epochs": 5, "batch_size": 32, "lr": 0.01, "milestones": [4]}},
+    "controls": ["global_at", "continued"],
     "eval": {"eps": 0.1, "step": 0.025, "steps": 10, "n_examples": 60, "sanity_pgd_steps": 40,
              "sanity_pgd_restarts": 2},
     "resources": {"device": "cpu"},
@@ -88,7 +89,8 @@ def test_run_killed_during_finetuning_resumes_to_the_same_result(tmp_path):
 def check_results_contract(results: dict, out: Path) -> None:
     evaluation = results["evaluation"]
     assert evaluation["n_examples"] == 60 and evaluation["eps"] == pytest.approx(0.1)
-    for model in ("base", "igat"):
+    assert [m for m in evaluation if isinstance(evaluation[m], dict)] == ["base", "continued", "global_at", "igat"]
+    for model in ("base", "continued", "global_at", "igat"):
         for combiner in ("average", "max"):
             acc = evaluation[model][combiner]
             assert set(acc) >= {"natural", "pgd", "union"}
@@ -96,6 +98,15 @@ def check_results_contract(results: dict, out: Path) -> None:
     base, igat = evaluation["base"]["average"]["pgd"], evaluation["igat"]["average"]["pgd"]
     if base > 0:
         assert results["improvement"]["average"]["pgd"] == pytest.approx((igat - base) / base * 100)
+    assert set(results["improvement_over"]) == set(results["gain_points"]) == {"base", "continued", "global_at"}
+    for reference in ("base", "continued", "global_at"):
+        for combiner in ("average", "max"):
+            for attack, value in evaluation[reference][combiner].items():
+                gain = evaluation["igat"][combiner][attack] - value
+                assert results["gain_points"][reference][combiner][attack] == pytest.approx(gain)
+                relative = results["improvement_over"][reference][combiner][attack]
+                assert relative == (None if value == 0 else pytest.approx(gain / value * 100))
+    assert results["improvement_over"]["base"] == results["improvement"]
     sanity = results["sanity"]
     for model in ("base", "igat"):
         for check in ("perturbation_within_eps", "pixels_within_range", "attacks_below_natural_average",
@@ -112,7 +123,7 @@ def check_results_contract(results: dict, out: Path) -> None:
         assert diagnostics["adversarial_accuracy"] <= diagnostics["natural_accuracy"]
     assert "supplement Tables 4-8" in (out / "report.md").read_text()
     assert (out / "plots/diagnostics.png").is_file()
-    assert set(results["timing"]) == {"pretrain", "igat", "evaluate"}
+    assert set(results["timing"]) == {"pretrain", "igat", "continued", "global_at", "evaluate"}
     for rel in results["artifacts"].values():
         assert (out / rel).is_file() and not Path(rel).is_absolute()
     for name in ("spec.yaml", "metrics.jsonl", "events.jsonl", "report.md"):
@@ -125,7 +136,8 @@ def check_results_contract(results: dict, out: Path) -> None:
 
 
 def test_rerun_of_a_finished_run_only_rewrites_the_report(tmp_path):
-    spec = dict(TINY, igat={**TINY["igat"], "enabled": False}, eval={**TINY["eval"], "combiners": ["average"]})
+    spec = dict(TINY, controls=[], igat={**TINY["igat"], "enabled": False},
+                eval={**TINY["eval"], "combiners": ["average"]})
     spec["base"] = {**TINY["base"], "train": {**TINY["base"]["train"], "epochs": 1}}
     path = write_spec(tmp_path / "s.yaml", spec)
     first = subprocess.run(igat_cmd(path, tmp_path / "out"), cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -140,7 +152,7 @@ def test_rerun_of_a_finished_run_only_rewrites_the_report(tmp_path):
 
 
 def test_a_different_spec_is_refused_for_an_existing_run_directory(tmp_path):
-    spec = dict(TINY, base={**TINY["base"], "train": {**TINY["base"]["train"], "epochs": 1}},
+    spec = dict(TINY, controls=[], base={**TINY["base"], "train": {**TINY["base"]["train"], "epochs": 1}},
                 igat={**TINY["igat"], "enabled": False}, eval={**TINY["eval"], "combiners": ["average"]})
     path = write_spec(tmp_path / "a.yaml", spec)
     assert subprocess.run(igat_cmd(path, tmp_path / "out"), cwd=ROOT, capture_output=True).returncode == 0

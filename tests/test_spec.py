@@ -39,6 +39,17 @@ def test_milestones_must_increase():
         parse_spec({"igat": {"train": {"epochs": 5, "lr": 0.1, "milestones": [4, 2]}}})
 
 
+@pytest.mark.parametrize(("spec", "field", "reason"), [
+    ({"controls": ["continued", "noise"]}, "controls.1", "'continued' or 'global_at'"),
+    ({"controls": ["global_at", "global_at"]}, "(root)", "controls must not repeat"),
+    ({"controls": ["continued"], "igat": {"enabled": False}}, "(root)", "controls need igat.enabled"),
+])
+def test_bad_controls_are_refused_naming_the_reason(spec, field, reason):
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert any(path == field and reason in message for path, message in info.value.problems), info.value.problems
+
+
 def test_examples_are_valid_specs():
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         assert load_spec(path).name

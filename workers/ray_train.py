@@ -168,3 +168,5 @@ class RayTrainFit:
             raise RuntimeError(f"{request.phase}: the Ray Train run wrote no checkpoint to {request.checkpoint_dir}")
         trained = ensemble_from_checkpoint(state["ensemble"])
         request.ensemble.load_state_dict(trained.state_dict())
+        if isinstance(request.objective, MethodHooks) and state.get("method"):
+            request.objective.load_state_dict(state["method"])

@@ -32,12 +32,11 @@ from typing import Any
 import torch
 
 from igat_core.data import Split, equidistant_indices, load_dataset
-from igat_core.defenses import build_method
 from igat_core.ensemble import Ensemble, ensemble_from_checkpoint, load_ensemble
 from igat_core.igat import IgatConfig, IgatObjective
-from igat_core.runner import BASE_CHECKPOINT, RunLog, Runner, base_method_params, train_config
+from igat_core.runner import BASE_CHECKPOINT, RunLog, Runner, train_config
 from igat_core.spec import ExperimentSpec, SpecError, load_spec
-from igat_core.train import FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint
+from igat_core.train import FitRequest, TrainConfig, last_checkpoint_epoch
 from workers.ray_train import RayScaling, RayTrainFit
 
 VAL_METRIC = "val_pgd"
@@ -162,10 +161,7 @@ def tune_phase(runner: Runner, train: Split) -> dict:
     idx = equidistant_indices(len(val.labels), t.val_examples)
     scorer = ValScorer(val.images[idx], val.labels[idx], spec.ensemble.combiner, spec.eval.eps, spec.eval.step,
                        t.pgd_steps, spec.seed)
-    method = build_method(spec.base.method, base_method_params(spec))
-    pretrained = load_last_checkpoint(runner.out / "checkpoints" / "base")
-    if pretrained is not None and pretrained.get("method"):
-        method.load_state_dict(pretrained["method"])
+    method = runner.base_method()
     optim = spec.igat.train if t.epochs is None else spec.igat.train.model_copy(update={"epochs": t.epochs})
     base = load_ensemble(runner.out / BASE_CHECKPOINT, spec.ensemble.combiner)
     context = TrialContext(runner.out.resolve(), base.checkpoint_payload(), method, runner.tuned_igat_config(),

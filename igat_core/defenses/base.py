@@ -62,6 +62,8 @@ class BaseMethod(ABC):
     igat_defaults: tuple[float, float] = (5.0, 10.0)
     #: spec `base.attack` field -> constructor parameter, for methods with a PGD component
     attack_params: dict[str, str] = {}
+    #: whether the method owns trained state besides the members (`state_dict`), handed on with the base
+    has_state: bool = False
 
     @abstractmethod
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,

@@ -97,6 +97,7 @@ class CLDL(BaseMethod):
     """
 
     name = "cldl"
+    has_state = True
     attack_params = {"eps": "adv_eps", "step": "adv_step", "steps": "adv_steps", "random_start": "adv_random_start"}
 
     def __init__(self, alpha: float = 2.0, beta: float = 4.0, ld_coeff: float = 4.0, coh_mean: str = "members",
