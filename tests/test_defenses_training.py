@@ -80,7 +80,7 @@ def test_runner_carries_the_method_from_pretraining_into_igat(name, tmp_path):
     runner = Runner(spec, tmp_path, progress=False)
     train = load_dataset("digits", "train", train_limit=128)
     runner._pretrain(train)
-    runner._igat(train)
+    runner._fine_tune("igat", train)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["pretrain", "igat"]
     if name == "soe":
