@@ -29,6 +29,7 @@ from igat_core.evaluate import (EvalConfig, evaluate_ensemble, evaluation_record
 from igat_core.igat import CONTROLS, FineTuning, IgatConfig, IgatObjective, control_objective
 from igat_core.models import ModelConfig
 from igat_core.report import write_report
+from igat_core.runtime import runtime_record, torch_threads
 from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, dump_spec, load_spec
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
 
@@ -161,6 +162,10 @@ class Runner:
 
     # -- phases --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        with torch_threads(self.spec.resources.threads):
+            return self._run_phases()
+
+    def _run_phases(self) -> dict:
         if self.spec.tune.enabled and self.tune_fn is None:
             raise ValueError("tune.enabled: the alpha/beta search runs on Ray Tune; submit the spec to the service "
                              "(igat submit) or run `python -m workers.runner SPEC.yaml`, or set tune.enabled: false")
@@ -344,6 +349,7 @@ class Runner:
             "artifacts": artifacts,
             "device": str(self.device),
             "torch": torch.__version__,
+            "runtime": runtime_record(self.device),
         }
 
 

@@ -181,11 +181,26 @@ class EvalSpec(_Strict):
         return self
 
 
+def default_threads(cpus_per_worker: float) -> int:
+    """resources.threads when the spec leaves it out: the whole CPUs of one worker, at least one."""
+    return max(1, int(cpus_per_worker))
+
+
 class ResourcesSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(1, ge=1, le=1024)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+    threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads of every process that "
+                                "trains or evaluates (igat run, the Ray Job's runner, each Ray Train worker); the "
+                                "thread count changes how reductions are summed, hence the numbers; default: "
+                                "floor(cpus_per_worker), at least 1, written into the resolved spec")
+
+    @model_validator(mode="after")
+    def _resolve_threads(self) -> ResourcesSpec:
+        if self.threads is None:
+            self.threads = default_threads(self.cpus_per_worker)
+        return self
 
 
 TuneMode = Literal["grid", "random", "asha"]

@@ -7,7 +7,9 @@ local cluster (IGAT_RAY_ADDRESS), on SQLite.
   another trial scored higher at the epoch it stopped at;
 - cancelling a running experiment stops its Ray job (STOPPED), well within 30 seconds;
 - killing the runner (the job's driver) mid-phase re-queues the experiment, and the next attempt (a new Ray
-  job) resumes the same Ray Train run from the last epoch checkpoint.
+  job) resumes the same Ray Train run from the last epoch checkpoint;
+- a cut-down quickstart gives the same weights and the same accuracies, to the bit, through the service on Ray
+  (one Train worker) as through igat_core's Runner in this process, both with the resolved `resources.threads`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.service_fixtures import make_settings, read_jsonl, wait_for
+from tests.service_fixtures import make_settings, read_jsonl, tiny_quickstart, wait_for
 from tests.test_service_e2e import AUTH, serve, stop
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -200,3 +203,44 @@ def test_killed_runner_is_resubmitted_and_resumes_from_its_checkpoint(served, ra
     epochs = sorted(m["epoch"] for m in metrics(served, experiment_id) if m["phase"] == "pretrain")
     assert epochs == list(range(1, 11))
     assert (run_dir / "ray" / f"{experiment_id}-pretrain").is_dir()
+
+
+def member_weights(path: Path) -> dict[str, torch.Tensor]:
+    from igat_core.ensemble import load_ensemble
+
+    return load_ensemble(path).state_dict()
+
+
+def accuracies(results: dict) -> dict[tuple[str, str, str], float]:
+    """Every evaluation[model][combiner][attack] of a results.json."""
+    return {(model, combiner, attack): value for model, by_combiner in results["evaluation"].items()
+            if isinstance(by_combiner, dict) for combiner, by_attack in by_combiner.items()
+            if isinstance(by_attack, dict) for attack, value in by_attack.items()}
+
+
+@pytest.mark.timeout(400)
+def test_a_spec_gives_the_same_numbers_in_process_and_through_the_service_on_ray(served, tmp_path):
+    from igat_core.runner import run_experiment
+    from igat_core.spec import parse_spec
+
+    spec = tiny_quickstart(pretrain_epochs=5)
+    spec["name"] = "same-numbers"
+    spec["dataset"]["train_limit"] = 1024
+    spec["resources"] = {"device": "cpu", "num_workers": 1}
+    experiment_id = submit(served, spec)
+    threads_before = torch.get_num_threads()
+    local = run_experiment(parse_spec(spec), tmp_path / "local", progress=False)
+    assert torch.get_num_threads() == threads_before, "the run restores the caller's thread count"
+    done = wait_for(lambda: finished(served, experiment_id), 360, interval=1.0, what="the experiment on Ray")
+    assert done["status"] == "succeeded", done.get("error")
+    with served.client() as client:
+        remote = client.get(f"/results/{experiment_id}").json()
+
+    assert accuracies(local) == accuracies(remote) and len(accuracies(local)) == 6
+    print("accuracies on both paths:", accuracies(local))
+    run_dir = Path(served.settings.artifact_root) / experiment_id
+    for checkpoint in ("checkpoints/base/ensemble.pt", "checkpoints/igat/ensemble.pt"):
+        here, there = member_weights(tmp_path / "local" / checkpoint), member_weights(run_dir / checkpoint)
+        assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here), checkpoint
+    assert local["spec"]["resources"]["threads"] == remote["spec"]["resources"]["threads"] == 1
+    assert local["runtime"] == remote["runtime"] and local["runtime"]["threads"] == 1

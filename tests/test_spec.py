@@ -1,4 +1,5 @@
-"""ExperimentSpec: defaults, fractions, bounds, and the CLI's refusal of bad specs (exit 2, no traceback)."""
+"""ExperimentSpec: defaults, fractions, bounds, the resolved thread count, and the CLI's refusal of bad specs
+(exit 2, no traceback)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from igat_core.spec import ExperimentSpec, SpecError, load_spec, parse_spec
+import yaml
+
+from igat_core.spec import ExperimentSpec, SpecError, dump_spec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +51,20 @@ def test_bad_controls_are_refused_naming_the_reason(spec, field, reason):
     with pytest.raises(SpecError) as info:
         parse_spec(spec)
     assert any(path == field and reason in message for path, message in info.value.problems), info.value.problems
+
+
+def test_threads_default_to_the_whole_cpus_of_one_worker_and_are_written_into_the_resolved_spec():
+    assert ExperimentSpec().resources.threads == 1
+    resolved = {cpus: parse_spec({"resources": {"cpus_per_worker": cpus}}).resources.threads
+                for cpus in (0.25, 1, 1.5, 2, 4.9, 16)}
+    assert resolved == {0.25: 1, 1: 1, 1.5: 1, 2: 2, 4.9: 4, 16: 16}
+    assert parse_spec({"resources": {"cpus_per_worker": 8, "threads": 3}}).resources.threads == 3
+    written = yaml.safe_load(dump_spec(parse_spec({"resources": {"cpus_per_worker": 4}})))
+    assert written["resources"]["threads"] == 4
+    assert load_spec(ROOT / "examples" / "quickstart.yaml").resources.threads == 1
+    with pytest.raises(SpecError) as info:
+        parse_spec({"resources": {"threads": 0}})
+    assert [path for path, _ in info.value.problems] == ["resources.threads"]
 
 
 def test_examples_are_valid_specs():

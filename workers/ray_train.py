@@ -4,6 +4,8 @@ Each worker runs igat_core's own loop (`igat_core.train.fit`) on its rank's shar
 averages gradients over the workers (gloo on CPU, NCCL on GPU) between backward and the optimiser step. The
 members are not wrapped in DDP: the objectives call ensemble methods (member_logits, ...) that bypass a DDP
 wrapper's forward, so the gradient average is done by hand, which gives every rank the global-batch step.
+Every worker uses `resources.threads` torch threads, as `igat run` does (igat_core.runtime), so one worker
+trains igat run's weights bit for bit.
 
 Only rank 0 writes: the epoch checkpoint (`<checkpoint_dir>/last.pt`, which is also what a resumed phase starts
 from), the run's metrics.jsonl line (Train V2 keeps no metrics reported without a checkpoint, so the runner's
@@ -29,7 +31,8 @@ Scorer = Callable[[Ensemble, torch.device], dict[str, float]]
 
 @dataclass(frozen=True)
 class RayScaling:
-    """How one phase is spread over Ray: workers, their resources, and where Ray Train keeps its run state."""
+    """How one phase is spread over Ray: workers, their resources (`threads`: each worker's torch intra-op
+    threads, resources.threads), and where Ray Train keeps its run state."""
 
     num_workers: int
     use_gpu: bool
@@ -37,10 +40,12 @@ class RayScaling:
     storage_path: Path
     name_prefix: str
     max_failures: int = 0
+    threads: int = 1
 
     @classmethod
     def from_spec(cls, resources: Any, storage_path: Path, name_prefix: str) -> RayScaling:
-        return cls(resources.num_workers, resources.use_gpu, resources.cpus_per_worker, storage_path, name_prefix)
+        return cls(resources.num_workers, resources.use_gpu, resources.cpus_per_worker, storage_path, name_prefix,
+                   threads=resources.threads)
 
     def trial_resources(self) -> dict[str, float]:
         """What one training run holds while it runs (its workers; the driver or Tune trial needs 1 CPU more)."""
@@ -106,7 +111,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     job: WorkerJob = config["job"]
     request = job.request
-    torch.set_num_threads(max(1, job.threads))
+    torch.set_num_threads(job.threads)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
@@ -148,7 +153,7 @@ class RayTrainFit:
         if isinstance(request.objective, MethodHooks):
             request.objective.setup(request.ensemble)  # method-owned modules start identical on every worker
         worker_request = replace(request, device=torch.device("cpu"), progress=False)
-        job = WorkerJob(worker_request, s.use_gpu, max(1, int(s.cpus_per_worker)), self.scorer)
+        job = WorkerJob(worker_request, s.use_gpu, s.threads, self.scorer)
         request.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             train_worker,

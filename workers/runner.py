@@ -35,6 +35,7 @@ from igat_core.data import Split, equidistant_indices, load_dataset
 from igat_core.ensemble import Ensemble, ensemble_from_checkpoint, load_ensemble
 from igat_core.igat import IgatConfig, IgatObjective
 from igat_core.runner import BASE_CHECKPOINT, RunLog, Runner, train_config
+from igat_core.runtime import torch_threads
 from igat_core.spec import ExperimentSpec, SpecError, load_spec
 from igat_core.train import FitRequest, TrainConfig, last_checkpoint_epoch
 from workers.ray_train import RayScaling, RayTrainFit
@@ -128,7 +129,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                          MetricsWriter(context.run_dir, phase), progress=False)
     name = f"{context.scaling.name_prefix}-tune-{trial_key(alpha, beta).replace(',', '-')}"
     RayTrainFit(context.scaling, callbacks=[TuneReportCallback()], scorer=context.scorer, run_name=name)(request)
-    score = {**context.scorer(ensemble, torch.device("cpu")), "epochs": last_checkpoint_epoch(trial_dir)}
+    with torch_threads(context.scaling.threads):
+        final = context.scorer(ensemble, torch.device("cpu"))
+    score = {**final, "epochs": last_checkpoint_epoch(trial_dir)}
     tmp = score_file.with_name("score.json.tmp")
     tmp.write_text(json.dumps(score))
     os.replace(tmp, score_file)

@@ -25,6 +25,7 @@ from igat_core.data import Split, load_dataset
 from igat_core.defenses import PgdAT, Plain
 from igat_core.ensemble import Ensemble
 from igat_core.models import ModelConfig
+from igat_core.runtime import torch_threads
 from igat_core.theory.acceptance import PairScores, assumption_rates, empirical_risks
 from igat_core.theory.curvature import CurvatureConfig, default_radius
 from igat_core.theory.pairs import AmbiguousPairs, BSource, ConstantEstimates, ambiguous_pairs, estimate_constants
@@ -162,13 +163,10 @@ def member_probs(models: list[nn.Module], images: torch.Tensor) -> torch.Tensor:
 
 def run_montecarlo(config: MonteCarloConfig, models: list[nn.Module] | None = None) -> MonteCarloResult:
     """Train (unless `models` are given), build A(D) on `pair_split` and measure eq. (5) and Assumption 4.4."""
-    previous_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(min(config.threads, previous_threads))
-    try:
+    if not config.threads:
         return _run(config, models)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(min(config.threads, torch.get_num_threads())):
+        return _run(config, models)
 
 
 def _run(config: MonteCarloConfig, models: list[nn.Module] | None) -> MonteCarloResult:
