@@ -1,4 +1,8 @@
-"""`igat`: run experiments locally, and (through service.cli) serve and talk to the REST control plane."""
+"""The core commands of `igat`: run, eval and theory, in-process (no server, no database).
+
+`python -m igat_core.cli` offers these alone; the installed `igat` adds the service's commands to them
+(`service.cli.igat_app`), so this module never imports the service.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,6 @@ from pydantic import ValidationError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="iGAT: interactive global adversarial training for ensemble defenses.")
-
-
-@app.callback()
-def _root() -> None:
-    """iGAT: interactive global adversarial training for ensemble defenses."""
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -244,17 +243,6 @@ def evaluate(
     if failed:
         typer.secho(f"SANITY CHECKS FAILED: {', '.join(failed)} (see {out / 'report.md'})", fg=typer.colors.RED)
     typer.echo(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
-
-
-def _register_service_commands() -> None:
-    try:
-        from service.cli import register
-    except ImportError:
-        return
-    register(app)
-
-
-_register_service_commands()
 
 
 def main() -> None:

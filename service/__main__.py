@@ -1,5 +1,5 @@
-"""``python -m service serve|migrate|submit|status|results|cancel`` (the same commands as ``igat ...``)."""
+"""``python -m service ...``: the `igat` program (core commands and service commands), as ``igat ...``."""
 
-from service.cli import make_app
+from service.cli import igat_app
 
-make_app()(prog_name="python -m service")
+igat_app()(prog_name="python -m service")

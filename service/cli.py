@@ -1,7 +1,10 @@
-"""``igat serve``, ``igat migrate`` and the thin REST client (``igat submit / status / results / cancel``).
+"""The `igat` console script, and its service commands: ``igat serve``, ``igat migrate`` and the thin REST client
+(``igat submit / status / results / cancel``).
 
-`register(app)` adds these commands to a typer app (``igat_core.cli`` does that lazily); ``python -m service``
-offers them standalone. Heavy imports (uvicorn, SQLAlchemy, the app) happen inside the commands.
+`igat_app()` composes `igat`: igat_core's core commands (run, eval, theory; ``igat_core.cli``) with the ones
+`register(app)` adds here. It is built on the service side, where both layers are visible, so igat_core never
+imports the service; ``python -m service`` is the same program. Heavy imports (uvicorn, SQLAlchemy, the app,
+torch) happen inside the commands.
 
 Client configuration: ``IGAT_API_URL`` (default http://127.0.0.1:8000) and ``IGAT_API_TOKEN``; without the
 latter the client reads the token file that ``igat serve`` writes (``IGAT_TOKEN_FILE``, default
@@ -148,11 +151,11 @@ def _redact(url: str) -> str:
 
 
 class _DispatcherSupervisor:
-    """Keeps one ``python -m workers.dispatcher`` child alive next to the API, and stops it on exit."""
+    """Keeps one ``python -m service.dispatcher`` child alive next to the API, and stops it on exit."""
 
     def __init__(self, executor: str, log_level: str):
         self.command = [
-            sys.executable, "-m", "workers.dispatcher", "--executor", executor,
+            sys.executable, "-m", "service.dispatcher", "--executor", executor,
             "--parent-pid", str(os.getpid()), "--log-level", log_level.upper(),
         ]
         self.process: subprocess.Popen[bytes] | None = None
@@ -394,7 +397,19 @@ def register(app: typer.Typer) -> None:
     app.command("cancel")(cancel)
 
 
-def make_app() -> typer.Typer:
-    app = typer.Typer(help="igat service commands", no_args_is_help=True, add_completion=False)
-    register(app)
+def igat_app() -> typer.Typer:
+    """`igat`: the core commands of ``igat_core.cli`` and the service commands of `register`."""
+    from igat_core.cli import app as core_app
+
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help=core_app.info.help)
+    service_commands = typer.Typer()
+    register(service_commands)
+    app.add_typer(core_app)
+    app.add_typer(service_commands)
     return app
+
+
+def main() -> None:
+    """The ``igat`` console script (pyproject.toml's entry point)."""
+    igat_app()(prog_name="igat")

@@ -250,13 +250,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def start_dispatcher_process(settings, log_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python -m workers.dispatcher`` configured like ``settings`` (through IGAT_* variables)."""
+    """``python -m service.dispatcher`` configured like ``settings`` (through IGAT_* variables)."""
     env = dict(os.environ)
     env.update(settings_env(settings))
     env.update(extra_env or {})
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.dispatcher", "--log-level", "INFO"],
+        [sys.executable, "-m", "service.dispatcher", "--log-level", "INFO"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
 

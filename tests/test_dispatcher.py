@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from service import store
 from service.db import make_engine, make_session_factory, session_scope
+from service.dispatcher import Dispatcher, Watched
 from service.models import Artifact, Experiment
-from workers.dispatcher import Dispatcher, Watched
 from workers.executors import ExperimentRun, RunState
 
 try:
@@ -334,6 +334,6 @@ def test_dispatcher_cli_needs_a_ray_address_for_the_ray_executor():
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "IGAT_RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-m", "workers.dispatcher", "--executor", "ray", "--once"], env=env,
+    r = subprocess.run([sys.executable, "-m", "service.dispatcher", "--executor", "ray", "--once"], env=env,
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert r.returncode == 2 and "IGAT_RAY_ADDRESS" in r.stdout

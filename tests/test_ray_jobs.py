@@ -14,8 +14,9 @@ import pytest
 
 from igat_core.runner import Runner
 from igat_core.spec import parse_spec
+from service.dispatcher import configured_executor
 from tests.service_fixtures import ROOT, free_port, make_settings, pid_alive, wait_for
-from workers.executors import ExecutorUnavailable, make_executor
+from workers.executors import ExecutorUnavailable
 from workers.executors.ray_jobs import exit_code_of, submission_id
 from workers.ray_cluster import recorded_head_port
 
@@ -33,8 +34,8 @@ def test_job_states_map_to_exit_codes_the_dispatcher_understands():
 def test_the_ray_executor_needs_an_address(tmp_path):
     settings = make_settings(tmp_path, "sqlite://", executor="ray", ray_address=None)
     with pytest.raises(ExecutorUnavailable, match="IGAT_RAY_ADDRESS"):
-        make_executor("ray", settings)
-    executor = make_executor("ray", settings.model_copy(update={"ray_address": "http://127.0.0.1:1"}))
+        configured_executor(settings)
+    executor = configured_executor(settings.model_copy(update={"ray_address": "http://127.0.0.1:1"}))
     assert executor.name == "ray" and executor.find(tmp_path) is None
 
 

@@ -1,11 +1,21 @@
-"""The service and the dispatcher import neither torch nor ray (checked in a fresh interpreter)."""
+"""The package order service -> workers -> igat_core, and a service that imports neither torch nor ray.
+
+- igat_core imports neither service nor workers, and workers never imports service: read from the source of
+  every module (its AST), so an import inside a function, under TYPE_CHECKING or through
+  ``importlib.import_module("...")`` counts as much as one at the top;
+- the service, its dispatcher and the composed ``igat`` program import neither torch nor ray (checked in a
+  fresh interpreter).
+"""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 try:
     from tests.service_fixtures import ROOT
@@ -14,16 +24,57 @@ except ImportError:
 
 CHECK = """
 import json, sys
-import service.app, service.main, service.api, service.cli, service.store, service.db
-import workers.dispatcher, workers.executors, workers.executors.local
+import service.app, service.main, service.api, service.cli, service.store, service.db, service.dispatcher
+import workers.executors, workers.executors.local
+service.cli.igat_app()
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "torchvision", "torchattacks"))
 print(json.dumps(heavy))
 """
 
+DYNAMIC_IMPORTS = {"import_module", "__import__"}
 
-def test_service_and_dispatcher_stay_light(tmp_path):
+
+def test_service_and_dispatcher_stay_light(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "IGAT_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
     r = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def test_igat_core_imports_neither_service_nor_workers() -> None:
+    assert layer_crossings("igat_core", forbidden={"service", "workers"}) == []
+
+
+def test_workers_never_import_service() -> None:
+    assert layer_crossings("workers", forbidden={"service"}) == []
+
+
+def layer_crossings(package: str, forbidden: set[str]) -> list[str]:
+    """``file:line imports module`` for every import of a ``forbidden`` package by a module of ``package``."""
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert len(files) > 3, f"no modules found under {ROOT / package}"
+    return [f"{path.relative_to(ROOT)}:{line} imports {module}"
+            for path in files for line, module in imported_modules(path)
+            if module.split(".")[0] in forbidden]
+
+
+def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, absolute module name) of every import written in ``path``, wherever it stands in the file."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+        elif isinstance(node, ast.Call) and dynamic_import_target(node):
+            yield node.lineno, dynamic_import_target(node)
+
+
+def dynamic_import_target(call: ast.Call) -> str:
+    """The literal module name of ``importlib.import_module("x")`` or ``__import__("x")``; "" for other calls."""
+    function = call.func
+    name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+    if name not in DYNAMIC_IMPORTS or not call.args:
+        return ""
+    first = call.args[0]
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else ""

@@ -1,4 +1,4 @@
-"""Executors: how the dispatcher runs one experiment.
+"""Executors: how the dispatcher (``service/dispatcher.py``) runs one experiment.
 
 An executor starts the experiment runner for one experiment and reports on it; the dispatcher owns every
 database write. Handles are small JSON-able dicts that the dispatcher stores on the experiment row (and the
@@ -11,6 +11,7 @@ local executor also in the run directory), so a dispatcher that restarts can `at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -74,25 +75,25 @@ class Executor(Protocol):
         ...
 
 
-def make_executor(kind: str, settings: Any) -> Executor:
-    """The executor named ``kind`` configured from service settings."""
+def make_executor(kind: str, *, runner_command: Sequence[str] = (), data_root: Path | None = None,
+                  ray_address: str | None = None) -> Executor:
+    """The executor named ``kind``: ``local`` runs ``runner_command``, ``ray`` submits to the Jobs API at
+    ``ray_address``; both pass ``data_root`` to the run as IGAT_DATA_ROOT."""
     if kind == "local":
         from workers.executors.local import LocalProcessExecutor
 
-        return LocalProcessExecutor(
-            runner_command=list(settings.runner_command),
-            data_root=settings.data_root,
-        )
+        return LocalProcessExecutor(runner_command=list(runner_command), data_root=data_root)
     if kind == "ray":
-        if not settings.ray_address:
+        if not ray_address:
             raise ExecutorUnavailable(
                 "the ray executor needs IGAT_RAY_ADDRESS (the Ray dashboard, e.g. http://127.0.0.1:8265); "
                 "`igat serve` sets it after starting a local Ray head"
             )
         try:
-            from workers.executors.ray_jobs import RayJobsExecutor
             import ray.job_submission  # noqa: F401
+
+            from workers.executors.ray_jobs import RayJobsExecutor
         except ImportError as exc:
             raise ExecutorUnavailable(f"the ray executor needs Ray with its job client (ray[default]): {exc}") from None
-        return RayJobsExecutor(address=settings.ray_address, data_root=settings.data_root)
+        return RayJobsExecutor(address=ray_address, data_root=data_root)
     raise ExecutorUnavailable(f"unknown executor {kind!r}; choose one of: {', '.join(EXECUTORS)}")

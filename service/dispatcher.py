@@ -12,8 +12,9 @@ One tick:
    (SIGTERM, then SIGKILL after ``cancel_grace_s``), and record the outcome once the process has ended;
 4. claim queued experiments while fewer than ``max_concurrent_experiments`` run here, and start them.
 
-Run it with ``python -m workers.dispatcher`` (``igat serve`` starts one next to the API).
-This module imports neither torch nor ray.
+Run it with ``python -m service.dispatcher`` (``igat serve`` starts one next to the API). It is the queue side
+of the service and reaches the workers only through an executor (`workers.executors`); this module imports
+neither torch nor ray.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from service import store
 from service.db import make_engine, make_session_factory, session_scope
 from service.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Experiment
 from service.settings import Settings, get_settings
-from workers.executors import Executor, ExperimentRun, Handle, make_executor
+from workers.executors import Executor, ExecutorUnavailable, ExperimentRun, Handle, make_executor
 
 log = logging.getLogger("igat.dispatcher")
 
@@ -76,7 +77,7 @@ class Dispatcher:
             self._engine = make_engine(self.settings.database_url)
             session_factory = make_session_factory(self._engine)
         self.sessions = session_factory
-        self.executor = executor or make_executor(self.settings.executor, self.settings)
+        self.executor = executor or configured_executor(self.settings)
         self.owner = owner or store.dispatcher_identity()
         self.artifact_root = Path(self.settings.artifact_root).resolve()
         self.watched: dict[str, Watched] = {}
@@ -413,8 +414,14 @@ def _parse_metric(line: bytes) -> tuple[str, int, dict[str, Any]] | None:
 # ------------------------------------------------------------------------------------------------ entry point
 
 
+def configured_executor(settings: Settings) -> Executor:
+    """The executor that ``settings.executor`` names, given the settings it needs."""
+    return make_executor(settings.executor, runner_command=settings.runner_command, data_root=settings.data_root,
+                         ray_address=settings.ray_address)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.dispatcher", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m service.dispatcher", description=__doc__.split("\n\n")[0])
     parser.add_argument("--executor", choices=["local", "ray"], default=None, help="default: IGAT_EXECUTOR or local")
     parser.add_argument("--migrate", action="store_true", help="run the database migrations first")
     parser.add_argument("--once", action="store_true", help="run one tick and exit (debugging)")
@@ -426,10 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     if args.executor:
         settings = settings.model_copy(update={"executor": args.executor})
-    from workers.executors import ExecutorUnavailable
-
     try:
-        executor = make_executor(settings.executor, settings)
+        executor = configured_executor(settings)
     except ExecutorUnavailable as exc:
         print(f"igat dispatcher: {exc}")
         return 2
