@@ -1,5 +1,5 @@
 # `make demo` runs the quickstart through `igat serve` (API + dispatcher + local Ray head) and prints its results;
-# `make test` runs the test suite. Both set up .venv first.
+# `make test` runs ruff (pyproject.toml's [tool.ruff]), then the test suite. Both set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,6 +19,7 @@ demo: venv
 	$(PY) -m service.demo --spec examples/quickstart.yaml
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q --timeout=900
 
 bench: venv

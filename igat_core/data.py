@@ -125,7 +125,7 @@ def _freeze(*arrays: np.ndarray) -> None:
         array.flags.writeable = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_package_data(name: str) -> tuple[np.ndarray, np.ndarray]:
     """All images (float32 NCHW in [0,1]) and labels (int64) of a package-provided or generated dataset."""
     if name == "digits":

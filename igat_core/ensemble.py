@@ -164,7 +164,8 @@ def ensemble_from_checkpoint(payload: Mapping, combiner: str | None = None) -> E
     return ensemble
 
 
-def load_ensemble(path: str | os.PathLike, combiner: str = "average", map_location: str | torch.device = "cpu") -> Ensemble:
+def load_ensemble(path: str | os.PathLike, combiner: str = "average",
+                  map_location: str | torch.device = "cpu") -> Ensemble:
     """Load a saved ensemble in eval mode: images in [0,1] in, the ensemble's log-probabilities out."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     return ensemble_from_checkpoint(payload, combiner).eval()

@@ -68,12 +68,16 @@ def measure(example: ExperimentSpec, seed: int, out: Path) -> dict[str, dict[str
     return scores
 
 
+def spread(values: list[float]) -> float:
+    """The sample standard deviation; 0 for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summary(runs: dict[str, dict]) -> list[str]:
     lines = ["| model | val natural (mean +- std) | val PGD-20 (mean +- std) | seeds |", "|---|---:|---:|---:|"]
     for model in ("base", *FORMS):
         natural = [r[model]["val_natural"] for r in runs.values()]
         pgd = [r[model]["val_pgd"] for r in runs.values()]
-        spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         lines.append(f"| {model} | {statistics.mean(natural):.2f} +- {spread(natural):.2f} | "
                      f"{statistics.mean(pgd):.2f} +- {spread(pgd):.2f} | {len(natural)} |")
     return lines

@@ -10,9 +10,9 @@ PostgreSQL goes through psycopg 3 (``postgresql+psycopg://``) with ``pool_pre_pi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url

@@ -101,8 +101,11 @@ def test_autoattack_cascades_over_still_robust_examples_and_resumes(trained_ense
         return real(self, component, images, labels, num_classes)
 
     monkeypatch.setattr(AutoAttack, "run_component", spy)
-    make = lambda: AutoAttack(trained_ensemble, 0.08, steps=5, square_queries=30, components=("apgd-ce", "square"),
-                              state_dir=tmp_path)
+
+    def make() -> AutoAttack:
+        return AutoAttack(trained_ensemble, 0.08, steps=5, square_queries=30, components=("apgd-ce", "square"),
+                          state_dir=tmp_path)
+
     crashing = make()
     crashing.crash = True
     with pytest.raises(KeyboardInterrupt):

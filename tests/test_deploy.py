@@ -78,7 +78,8 @@ def argv_of(command: str | list[str]) -> list[str]:
 
 
 def program_of(argv: list[str]) -> tuple[str, ...]:
-    """The program (and subcommand) that ``argv`` runs: ``python -m X``, ``ray start``, ``igat migrate``, ``uvicorn``."""
+    """The program (and subcommand) that ``argv`` runs: ``python -m X``, ``ray start``, ``igat migrate``,
+    ``uvicorn``."""
     if argv[0] == "python":
         return tuple(argv[:3])
     return tuple(argv[:2]) if argv[0] in ("ray", "igat") else tuple(argv[:1])
@@ -121,7 +122,7 @@ def test_every_igat_variable_set_by_the_deployment_is_a_setting():
         for entry in container.get("env", []):
             set_by.setdefault(entry["name"], f"deploy/kuberay {container['name']}")
     for line in DOCKERFILE.read_text().splitlines():
-        set_by.update({v: "deploy/Dockerfile" for v in re.findall(r"\b(IGAT_\w+)=", line)})
+        set_by.update(dict.fromkeys(re.findall(r"\b(IGAT_\w+)=", line), "deploy/Dockerfile"))
     igat_variables = {v: where for v, where in set_by.items() if v.startswith("IGAT_")}
     assert len(igat_variables) >= 6
     unknown = {v: where for v, where in igat_variables.items() if v not in known}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import igat_core.evaluate as ev
 from igat_core.evaluate import (ATTACK_ORDER, EnsembleEvaluation, EvalConfig, _Extremes, correct_mask,

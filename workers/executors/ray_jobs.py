@@ -24,7 +24,7 @@ import shlex
 import signal
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,7 @@ class RayJobsExecutor:
         lines = [line.rsplit("\r", 1)[-1].strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         shown = lines[-MAX_LOG_EVENTS_PER_POLL:]
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         records = []
         if len(lines) > len(shown):
             records.append({"time": now, "phase": "job", "event": "log",
