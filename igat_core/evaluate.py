@@ -7,7 +7,30 @@ the smooth average surrogate; an example counts as broken when either attempt br
 reuses the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated
 first) and attacks only the examples that evaluation did not attack. Black-box attacks query the deployed
 combiner only. Each attack draws its randomness from a generator seeded by (seed, combiner, attack,
-surrogate, eps), so an attack's number does not depend on which other attacks ran.
+surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by name by
+an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
+
+The sanity checks (attacks.md section 6), each of which a faulty attack or model makes fail:
+- `perturbation_within_eps`, `pixels_within_range`: the raw output of every attack's own `forward`, before the
+  base class's safety projection (`Attack.raw_bounds`), lies within eps of its image (1e-6 allowed for float
+  round-off) and in [0,1].
+- `rescoring_agrees_<combiner>`: a fresh forward pass, in eval mode, in reversed order and batches of half the
+  size, over every example a verdict was taken on (each attack's adversarial examples right after the attack; the
+  clean images after the combiner's last attack) agrees with the verdicts the evaluation counted. Contradictions
+  within 0.05 of the decision boundary (top-2 log-probability margin) are round-off between batch compositions
+  (TF32 convolutions on GPUs included) and not counted. It catches an attack that leaves the model in train mode
+  or changes it (BN statistics), batch-dependent or stochastic outputs, and bookkeeping faults.
+- `white_box_not_weaker_than_noise_<combiner>`: no white-box attack leaves more than 1 point more accuracy than
+  uniform noise in the same eps-ball (10 draws per example; an example counts as broken when any draw breaks it)
+  on the same examples. A sign-flipped, zero or detached gradient is no better than noise, and noise beating
+  a gradient attack is the classic sign of gradient masking; the 1 point lets a correct attack miss an example
+  or two that a lucky draw breaks.
+- `black_box_not_stronger_<combiner>`: no black-box attack more than 0.5 points below the strongest white-box one.
+- `pgd_converged_<combiner>`: PGD-`steps` within 2 points of PGD-`sanity_pgd_steps` with restarts, on
+  `sanity_examples` equidistant examples.
+- `monotone_in_eps_<combiner>`: the sweep's accuracy non-increasing in eps.
+Accuracy under an attack is not compared with natural accuracy: attacks run only on naturally correct examples,
+so it cannot exceed it.
 """
 
 from __future__ import annotations
@@ -16,21 +39,25 @@ import os
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from igat_core.attacks import MIM, PGD, Attack, AutoAttack, Bandits, CWLinf, SignHunter, SimBA
+from igat_core.attacks import (EPS_TOLERANCE, MIM, PGD, Attack, AutoAttack, Bandits, CWLinf, OutputBounds, SignHunter,
+                               SimBA, margin_loss, project_linf)
 from igat_core.ensemble import Ensemble
 
-EPS_TOLERANCE = 1e-6
 WHITE_BOX: tuple[str, ...] = ("pgd", "cw", "mim", "autoattack")
 BLACK_BOX: tuple[str, ...] = ("signhunter", "simba", "bandits")
 ATTACK_ORDER: tuple[str, ...] = ("natural", *WHITE_BOX, *BLACK_BOX)
 BLACK_BOX_MARGIN = 0.5
 PGD_CONVERGENCE_MARGIN = 2.0
+NOISE_MARGIN = 1.0
+NOISE_DRAWS = 10
+RESCORE_TOLERANCE = 0.05
 STRONG_PGD = "pgd-strong"
+NOISE = "uniform-noise"
 
 
 @dataclass(frozen=True)
@@ -94,15 +121,32 @@ class EnsembleEvaluation:
 
 
 @dataclass
-class _Extremes:
-    excess: float = float("-inf")
-    low: float = 0.0
-    high: float = 1.0
+class SanityEvidence:
+    """What the sanity checks read besides the accuracies: the bounds of every attack's raw output; per combiner,
+    (PGD-`steps` accuracy, strong PGD accuracy, examples) and accuracy under uniform noise; per combiner and attack
+    run, the re-scoring's (contradicted verdicts, verdicts re-scored)."""
 
-    def update(self, adv: torch.Tensor, images: torch.Tensor, eps: float) -> None:
-        if len(adv):
-            self.excess = max(self.excess, float((adv - images).abs().max()) - eps)
-            self.low, self.high = min(self.low, float(adv.min())), max(self.high, float(adv.max()))
+    bounds: OutputBounds = field(default_factory=OutputBounds)
+    strong_pgd: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    noise: dict[str, float] = field(default_factory=dict)
+    rescoring: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class AttackOutcome:
+    """`robust`: which examples keep their label; `cost`: mean gradients or queries per attacked example;
+    `adversarial`: the example each verdict was taken on (the clean image where no attack ran)."""
+
+    robust: torch.Tensor
+    cost: float
+    adversarial: torch.Tensor
+
+
+class AttackFactory(Protocol):
+    """Builds the attack `name` against `model` at `eps` (config.eps when None) with the settings of `config`."""
+
+    def __call__(self, name: str, model: torch.nn.Module, config: EvalConfig, generator: torch.Generator, *,
+                 eps: float | None = None, state_dir: str | os.PathLike | None = None) -> Attack: ...
 
 
 def _generator(config: EvalConfig, combiner: str, attack: str, surrogate: str, eps: float) -> torch.Generator:
@@ -112,6 +156,7 @@ def _generator(config: EvalConfig, combiner: str, attack: str, surrogate: str, e
 
 def make_attack(name: str, model: torch.nn.Module, config: EvalConfig, generator: torch.Generator, *,
                 eps: float | None = None, state_dir: str | os.PathLike | None = None) -> Attack:
+    """The default `AttackFactory`: every attack of ATTACK_ORDER and the sanity check's strong PGD."""
     eps = config.eps if eps is None else eps
     if name == "pgd":
         return PGD(model, eps, config.step, config.steps, random_start=True, generator=generator)
@@ -153,6 +198,40 @@ def natural_mask(ensemble: Ensemble, combiner: str, images: torch.Tensor, labels
                                    ).cpu() for s in range(0, len(labels), batch_size)])
 
 
+@torch.no_grad()
+def noise_mask(ensemble: Ensemble, combiner: str, images: torch.Tensor, labels: torch.Tensor,
+               natural: torch.Tensor, config: EvalConfig, device: str | torch.device) -> torch.Tensor:
+    """Which naturally correct examples keep their label under NOISE_DRAWS draws of uniform noise in the
+    eps-ball, clipped to [0,1]; an example counts as broken when any draw breaks it."""
+    target = ensemble.with_combiner(combiner)
+    generator = _generator(config, combiner, NOISE, combiner, config.eps)
+    robust = natural.clone()
+    for start in range(0, len(labels), config.batch_size):
+        x, y = images[start:start + config.batch_size], labels[start:start + config.batch_size].to(device)
+        for _ in range(NOISE_DRAWS):
+            noise = (2 * torch.rand(x.shape, generator=generator) - 1) * config.eps
+            noisy = project_linf(x + noise, x, config.eps).to(device)
+            robust[start:start + len(y)] &= correct_mask(target, noisy, y).cpu()
+    return robust
+
+
+@torch.no_grad()
+def rescoring_disagreements(ensemble: Ensemble, combiner: str, examples: torch.Tensor, labels: torch.Tensor,
+                            counted: torch.Tensor, scored: torch.Tensor, batch_size: int,
+                            device: str | torch.device) -> int:
+    """How many of the verdicts `counted` (True: correctly classified) on the `scored` examples a fresh forward
+    pass contradicts: the `combiner` ensemble put in eval mode, the examples in reversed order, in batches of half
+    the size. A contradiction within RESCORE_TOLERANCE of the decision boundary (the top-2 log-probability
+    margin) is round-off between batch compositions and not counted."""
+    target = ensemble.with_combiner(combiner).eval()
+    contradicted = 0
+    for chunk in scored.nonzero().squeeze(1).flip(0).split(max(1, batch_size // 2)):
+        margin = margin_loss(target(examples[chunk].to(device)), labels[chunk].to(device)).cpu()
+        wrong, right = margin > RESCORE_TOLERANCE, margin < -RESCORE_TOLERANCE
+        contradicted += int((counted[chunk] & wrong).sum()) + int((~counted[chunk] & right).sum())
+    return contradicted
+
+
 class SurrogateMemo:
     """Adversarial examples found against the average ensemble, per (attack, eps) and example, so that the
     average-surrogate attempt of another combiner reuses them instead of attacking the same examples again."""
@@ -180,137 +259,227 @@ class SurrogateMemo:
         stored[index] = adv.detach().cpu()
 
 
-def robust_mask(ensemble: Ensemble, combiner: str, attack: str, images: torch.Tensor, labels: torch.Tensor,
-                natural: torch.Tensor, config: EvalConfig, *, eps: float | None = None,
-                device: str | torch.device = "cpu", state_dir: str | os.PathLike | None = None,
-                extremes: _Extremes | None = None, memo: SurrogateMemo | None = None, progress: bool = False,
-                desc: str = "") -> tuple[torch.Tensor, float]:
-    """Which examples keep their correct label under `attack` against the `combiner` ensemble, and the mean cost
-    (gradients or queries) per attacked example. `natural` is the combiner's natural correctness. With `memo`,
-    attacks on the average ensemble store their adversarial examples there and reuse those already stored."""
+def _attempt(run: Attack, attack: str, eps: float, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+             offset: int, memo: SurrogateMemo | None, bounds: OutputBounds | None) -> tuple[torch.Tensor, float]:
+    """Adversarial examples for the examples `index` of the batch (x, y) that starts at `offset`: the memo's where
+    it holds them, `run`'s elsewhere (stored in the memo, their raw bounds included in `bounds`); and the cost."""
+    adv = x[index].clone()
+    have, found = (memo.lookup(attack, eps, index + offset) if memo is not None
+                   else (torch.zeros(len(index), dtype=torch.bool), None))
+    if found is not None and bool(have.any()):
+        adv[have.to(adv.device)] = found.to(adv.device, adv.dtype)
+    if bool(have.all()):
+        return adv, 0.0
+    need = ~have
+    adv[need.to(adv.device)] = run(x[index[need]], y[index[need]])
+    if bounds is not None and run.raw_bounds is not None:
+        bounds.include(run.raw_bounds)
+    if memo is not None:
+        memo.store(attack, eps, index[need] + offset, adv[need.to(adv.device)])
+    return adv, float(run.cost.sum()) if run.cost is not None else 0.0
+
+
+def attack_outcome(ensemble: Ensemble, combiner: str, attack: str, images: torch.Tensor, labels: torch.Tensor,
+                   natural: torch.Tensor, config: EvalConfig, *, eps: float | None = None,
+                   device: str | torch.device = "cpu", state_dir: str | os.PathLike | None = None,
+                   bounds: OutputBounds | None = None, memo: SurrogateMemo | None = None, progress: bool = False,
+                   desc: str = "", attack_factory: AttackFactory = make_attack) -> AttackOutcome:
+    """Which examples keep their correct label under `attack` against the `combiner` ensemble, the mean cost
+    (gradients or queries) per attacked example, and the examples the verdicts were taken on. `natural` is the
+    combiner's natural correctness. With `memo`, attacks on the average ensemble store their adversarial examples
+    there and reuse those already stored; `bounds` gathers the raw bounds of every attack call."""
     eps = config.eps if eps is None else eps
     target = ensemble.with_combiner(combiner)
-    attacks = {s: make_attack(attack, ensemble.with_combiner(s), config,
-                              _generator(config, combiner, attack, s, eps), eps=eps, state_dir=state_dir)
+    attacks = {s: attack_factory(attack, ensemble.with_combiner(s), config,
+                                 _generator(config, combiner, attack, s, eps), eps=eps, state_dir=state_dir)
                for s in surrogates_for(combiner, attack)}
-    robust = natural.clone()
-    spent, attacked = 0.0, int(natural.sum())
-    starts = range(0, len(labels), config.batch_size)
-    for start in tqdm(starts, desc=desc or attack, leave=False, disable=not progress):
-        stop = start + config.batch_size
-        x, y = images[start:stop].to(device), labels[start:stop].to(device)
-        standing = robust[start:stop].clone()
+    outcome = AttackOutcome(natural.clone(), 0.0, images.clone())
+    spent = 0.0
+    for start in tqdm(range(0, len(labels), config.batch_size), desc=desc or attack, leave=False,
+                      disable=not progress):
+        x, y = images[start:start + config.batch_size].to(device), labels[start:start + config.batch_size].to(device)
+        standing = outcome.robust[start:start + len(y)]
         for surrogate, run in attacks.items():
             index = standing.nonzero().squeeze(1)
             if index.numel() == 0:
                 break
-            remembered = memo is not None and surrogate == SurrogateMemo.SURROGATE and attack in WHITE_BOX
-            adv = x[index].clone()
-            have, found = memo.lookup(attack, eps, index + start) if remembered else (
-                torch.zeros(len(index), dtype=torch.bool), None)
-            if found is not None and bool(have.any()):
-                adv[have.to(device)] = found.to(device, adv.dtype)
-            need = (~have).to(device)
-            if bool(need.any()):
-                adv[need] = run(x[index[~have]], y[index[~have]])
-                if run.cost is not None:
-                    spent += float(run.cost.sum())
-                if remembered:
-                    memo.store(attack, eps, index[~have] + start, adv[need])
-            if extremes is not None:
-                extremes.update(adv, x[index], eps)
+            remembered = memo if surrogate == SurrogateMemo.SURROGATE and attack in WHITE_BOX else None
+            adv, cost = _attempt(run, attack, eps, x, y, index, start, remembered, bounds)
+            spent += cost
+            outcome.adversarial[index + start] = adv.to(outcome.adversarial.device)
             standing[index] = correct_mask(target, adv, y[index]).cpu()
-        robust[start:stop] = standing
-    return robust, (spent / attacked if attacked else 0.0)
+    attacked = int(natural.sum())
+    outcome.cost = spent / attacked if attacked else 0.0
+    return outcome
 
 
 def _percent(mask: torch.Tensor) -> float:
     return 100.0 * float(mask.float().mean()) if len(mask) else 0.0
 
 
-def evaluate_ensemble(ensemble: Ensemble, images: torch.Tensor, labels: torch.Tensor, config: EvalConfig, *,
-                      device: str | torch.device = "cpu", progress: bool = True, desc: str = "evaluate",
-                      state_dir: str | os.PathLike | None = None) -> EnsembleEvaluation:
-    """Accuracy in percent per combiner and attack, `union` (correct under natural and every attack), the eps
-    sweep when configured, and the sanity checks. `state_dir` lets an interrupted AutoAttack resume."""
-    from igat_core.data import equidistant_indices
+@dataclass
+class _EnsembleRun:
+    """One `evaluate_ensemble` call: its inputs, the surrogate memo, and the evidence its sanity checks read."""
 
-    ensemble = ensemble.to(device).eval()
-    result = EnsembleEvaluation(sweep_eps=tuple(config.eps_sweep))
-    extremes = _Extremes()
-    strong: dict[str, tuple[float, float, int]] = {}
-    state_dir = Path(state_dir) if state_dir is not None else None
-    attacks = [a for a in ATTACK_ORDER if a in config.attacks and a != "natural"]
-    memo = SurrogateMemo(len(labels)) if len(config.combiners) > 1 else None
-    for combiner in sorted(config.combiners, key=lambda c: c != SurrogateMemo.SURROGATE):
-        natural = natural_mask(ensemble, combiner, images, labels, config.batch_size, device)
+    ensemble: Ensemble
+    images: torch.Tensor
+    labels: torch.Tensor
+    config: EvalConfig
+    device: str | torch.device
+    progress: bool
+    desc: str
+    state_dir: Path | None
+    attack_factory: AttackFactory
+    memo: SurrogateMemo | None
+    evidence: SanityEvidence = field(default_factory=SanityEvidence)
+
+    def attack(self, combiner: str, attack: str, natural: torch.Tensor, *, eps: float | None = None,
+               subset: torch.Tensor | None = None) -> AttackOutcome:
+        """`attack` on every example (or on `subset`, without memo or state), its verdicts re-scored at once."""
+        images, labels = self.images, self.labels
+        if subset is not None:
+            images, labels, natural = images[subset], labels[subset], natural[subset]
+        label = attack if eps is None else f"{attack} eps {eps * 255:.1f}/255"
+        outcome = attack_outcome(
+            self.ensemble, combiner, attack, images, labels, natural, self.config, eps=eps, device=self.device,
+            state_dir=self.state_dir if subset is None else None, bounds=self.evidence.bounds,
+            memo=self.memo if subset is None else None, progress=self.progress,
+            desc=f"{self.desc} [{combiner}] {label}", attack_factory=self.attack_factory)
+        self.rescore(combiner, label, outcome.adversarial, labels, outcome.robust, natural)
+        return outcome
+
+    def rescore(self, combiner: str, label: str, examples: torch.Tensor, labels: torch.Tensor,
+                counted: torch.Tensor, scored: torch.Tensor) -> None:
+        contradicted = rescoring_disagreements(self.ensemble, combiner, examples, labels, counted, scored,
+                                               self.config.batch_size, self.device)
+        self.evidence.rescoring.setdefault(combiner, {})[label] = (contradicted, int(scored.sum()))
+
+    def strong_pgd(self, combiner: str, natural: torch.Tensor, pgd: torch.Tensor) -> tuple[float, float, int]:
+        from igat_core.data import equidistant_indices
+
+        subset = equidistant_indices(len(self.labels), self.config.sanity_examples)
+        strong = self.attack(combiner, STRONG_PGD, natural, subset=subset).robust
+        return _percent(pgd[subset]), _percent(strong), len(subset)
+
+    def combiner(self, combiner: str, result: EnsembleEvaluation) -> None:
+        """Every configured attack, the union, the eps sweep and the sanity evidence of one combiner."""
+        config = self.config
+        natural = natural_mask(self.ensemble, combiner, self.images, self.labels, config.batch_size, self.device)
+        outcomes = {a: self.attack(combiner, a, natural) for a in ATTACK_ORDER
+                    if a in config.attacks and a != "natural"}
         masks = {"natural": natural} if "natural" in config.attacks else {}
-        costs: dict[str, float] = {}
-        for attack in attacks:
-            masks[attack], costs[attack] = robust_mask(
-                ensemble, combiner, attack, images, labels, natural, config, device=device, state_dir=state_dir,
-                extremes=extremes, memo=memo, progress=progress, desc=f"{desc} [{combiner}] {attack}")
+        masks.update({a: o.robust for a, o in outcomes.items()})
         union = torch.stack([natural, *masks.values()]).all(dim=0)
         result.accuracy[combiner] = {**{a: _percent(m) for a, m in masks.items()}, "union": _percent(union)}
-        result.cost[combiner] = costs
+        result.cost[combiner] = {a: o.cost for a, o in outcomes.items()}
         if config.eps_sweep:
-            result.sweep[combiner] = [
-                _percent(robust_mask(ensemble, combiner, config.eps_sweep_attack, images, labels, natural, config,
-                                     eps=eps, device=device, state_dir=state_dir, extremes=extremes, memo=memo,
-                                     progress=progress,
-                                     desc=f"{desc} [{combiner}] {config.eps_sweep_attack} eps {eps * 255:.1f}/255")[0])
-                for eps in config.eps_sweep]
+            result.sweep[combiner] = [_percent(self.attack(combiner, config.eps_sweep_attack, natural, eps=eps).robust)
+                                      for eps in config.eps_sweep]
         if "pgd" in masks and config.sanity_examples > 0:
-            subset = equidistant_indices(len(labels), config.sanity_examples)
-            strong_mask, _ = robust_mask(ensemble, combiner, STRONG_PGD, images[subset], labels[subset],
-                                         natural[subset], config, device=device, extremes=extremes,
-                                         progress=progress, desc=f"{desc} [{combiner}] sanity PGD-"
-                                                                 f"{config.sanity_pgd_steps}")
-            strong[combiner] = (_percent(masks["pgd"][subset]), _percent(strong_mask), len(subset))
-    result.sanity = sanity_checks(result, extremes, config, strong)
+            self.evidence.strong_pgd[combiner] = self.strong_pgd(combiner, natural, masks["pgd"])
+        if any(a in WHITE_BOX for a in masks):
+            self.evidence.noise[combiner] = _percent(noise_mask(self.ensemble, combiner, self.images, self.labels,
+                                                                natural, config, self.device))
+        self.rescore(combiner, "natural", self.images, self.labels, natural, torch.ones_like(natural))
+
+
+def evaluate_ensemble(ensemble: Ensemble, images: torch.Tensor, labels: torch.Tensor, config: EvalConfig, *,
+                      device: str | torch.device = "cpu", progress: bool = True, desc: str = "evaluate",
+                      state_dir: str | os.PathLike | None = None,
+                      attack_factory: AttackFactory = make_attack) -> EnsembleEvaluation:
+    """Accuracy in percent per combiner and attack, `union` (correct under natural and every attack), the eps
+    sweep when configured, and the sanity checks. `state_dir` lets an interrupted AutoAttack resume;
+    `attack_factory` builds every attack by name."""
+    run = _EnsembleRun(ensemble.to(device).eval(), images, labels, config, device, progress, desc,
+                       Path(state_dir) if state_dir is not None else None, attack_factory,
+                       SurrogateMemo(len(labels)) if len(config.combiners) > 1 else None)
+    result = EnsembleEvaluation(sweep_eps=tuple(config.eps_sweep))
+    for combiner in sorted(config.combiners, key=lambda c: c != SurrogateMemo.SURROGATE):
+        run.combiner(combiner, result)
+    result.sanity = sanity_checks(result, run.evidence, config)
     return result
 
 
-def sanity_checks(evaluation: EnsembleEvaluation, extremes: _Extremes, config: EvalConfig,
-                  strong: dict[str, tuple[float, float, int]]) -> list[SanityCheck]:
-    """The checks of attacks.md section 6 that this evaluation can answer; a failed check hides no number."""
-    checks = []
-    if extremes.excess > float("-inf"):
-        checks.append(SanityCheck("perturbation_within_eps", extremes.excess <= EPS_TOLERANCE,
-                                  f"largest L-inf perturbation exceeds its eps by {extremes.excess:+.2e} "
-                                  f"(tolerance {EPS_TOLERANCE:.0e})"))
-        checks.append(SanityCheck("pixels_within_range", extremes.low >= 0.0 and extremes.high <= 1.0,
-                                  f"adversarial pixels span [{extremes.low:.4f}, {extremes.high:.4f}]"))
+def sanity_checks(evaluation: EnsembleEvaluation, evidence: SanityEvidence, config: EvalConfig) -> list[SanityCheck]:
+    """The checks of attacks.md section 6 that this evaluation can answer (the module docstring says what each one
+    catches); a failed check hides no number."""
+    checks = [] if evidence.bounds.empty else _bounds_checks(evidence.bounds)
     for combiner, acc in evaluation.accuracy.items():
-        if "natural" in acc:
-            bad = [a for a, v in acc.items() if a not in ("natural", "union") and v > acc["natural"] + 1e-9]
-            checks.append(SanityCheck(f"attacks_below_natural_{combiner}", not bad,
-                                      "every attack at or below natural accuracy" if not bad
-                                      else f"above natural accuracy: {', '.join(bad)}"))
-        white = {a: v for a, v in acc.items() if a in WHITE_BOX}
-        black = {a: v for a, v in acc.items() if a in BLACK_BOX}
-        if white and black:
-            strongest = min(white, key=white.__getitem__)
-            beating = [f"{a} {v:.2f}" for a, v in black.items() if v < white[strongest] - BLACK_BOX_MARGIN]
-            checks.append(SanityCheck(
-                f"black_box_not_stronger_{combiner}", not beating,
-                f"strongest white-box {strongest} {white[strongest]:.2f}; "
-                + (f"black-box below it by more than {BLACK_BOX_MARGIN} points: {', '.join(beating)}" if beating
-                   else f"no black-box attack more than {BLACK_BOX_MARGIN} points below it")))
-        if combiner in strong:
-            pgd20, pgd_strong, n = strong[combiner]
-            checks.append(SanityCheck(
-                f"pgd_converged_{combiner}", abs(pgd20 - pgd_strong) <= PGD_CONVERGENCE_MARGIN,
-                f"on {n} examples PGD-{config.steps} {pgd20:.2f} vs PGD-{config.sanity_pgd_steps} with "
-                f"{config.sanity_pgd_restarts} restarts {pgd_strong:.2f} (allowed gap {PGD_CONVERGENCE_MARGIN})"))
-    for combiner, values in evaluation.sweep.items():
-        pairs = sorted(zip(evaluation.sweep_eps, values))
-        rises = [f"{a * 255:.1f}->{b * 255:.1f}/255: {u:.2f}->{v:.2f}"
-                 for (a, u), (b, v) in zip(pairs, pairs[1:]) if v > u + 1e-9]
-        checks.append(SanityCheck(f"monotone_in_eps_{combiner}", not rises,
-                                  f"{config.eps_sweep_attack} accuracy non-increasing over eps" if not rises
-                                  else f"{config.eps_sweep_attack} accuracy rises with eps: {'; '.join(rises)}"))
+        found = [_rescoring_check(combiner, evidence.rescoring.get(combiner, {})),
+                 _noise_check(combiner, acc, evidence.noise.get(combiner)), _black_box_check(combiner, acc),
+                 _pgd_check(combiner, evidence.strong_pgd.get(combiner), config)]
+        checks += [c for c in found if c is not None]
+    checks += [_monotone_check(c, v, evaluation.sweep_eps, config) for c, v in evaluation.sweep.items()]
     return checks
+
+
+def _bounds_checks(bounds: OutputBounds) -> list[SanityCheck]:
+    return [SanityCheck("perturbation_within_eps", bounds.within_eps,
+                        f"largest L-inf distance of an attack's raw output (before the safety projection) from its "
+                        f"image exceeds eps by {bounds.excess:+.2e} (tolerance {EPS_TOLERANCE:.0e})"),
+            SanityCheck("pixels_within_range", bounds.within_range,
+                        f"the attacks' raw output pixels span [{bounds.low:.4f}, {bounds.high:.4f}]")]
+
+
+def _rescoring_check(combiner: str, rescoring: dict[str, tuple[int, int]]) -> SanityCheck | None:
+    if not rescoring:
+        return None
+    contradicted = [f"{label} {found} of {n}" for label, (found, n) in rescoring.items() if found]
+    verdicts = sum(n for _, n in rescoring.values())
+    return SanityCheck(
+        f"rescoring_agrees_{combiner}", not contradicted,
+        "a fresh eval-mode pass in another batch composition "
+        + (f"contradicts the counted verdicts of {', '.join(contradicted)}" if contradicted
+           else f"confirms all {verdicts} counted verdicts of its {len(rescoring)} attack runs and natural pass")
+        + f" (contradictions within {RESCORE_TOLERANCE} of the decision boundary not counted)")
+
+
+def _noise_check(combiner: str, acc: dict[str, float], noise: float | None) -> SanityCheck | None:
+    white = {a: v for a, v in acc.items() if a in WHITE_BOX}
+    if noise is None or not white:
+        return None
+    weaker = [f"{a} {v:.2f}" for a, v in white.items() if v > noise + NOISE_MARGIN]
+    weakest = max(white, key=white.__getitem__)
+    return SanityCheck(
+        f"white_box_not_weaker_than_noise_{combiner}", not weaker,
+        f"uniform noise in the eps-ball ({NOISE_DRAWS} draws per example) leaves {noise:.2f}; "
+        + (f"white-box attacks more than {NOISE_MARGIN} points above it: {', '.join(weaker)}" if weaker
+           else f"no white-box attack more than {NOISE_MARGIN} points above it (weakest {weakest} "
+                f"{white[weakest]:.2f})"))
+
+
+def _black_box_check(combiner: str, acc: dict[str, float]) -> SanityCheck | None:
+    white = {a: v for a, v in acc.items() if a in WHITE_BOX}
+    black = {a: v for a, v in acc.items() if a in BLACK_BOX}
+    if not white or not black:
+        return None
+    strongest = min(white, key=white.__getitem__)
+    beating = [f"{a} {v:.2f}" for a, v in black.items() if v < white[strongest] - BLACK_BOX_MARGIN]
+    return SanityCheck(
+        f"black_box_not_stronger_{combiner}", not beating,
+        f"strongest white-box {strongest} {white[strongest]:.2f}; "
+        + (f"black-box below it by more than {BLACK_BOX_MARGIN} points: {', '.join(beating)}" if beating
+           else f"no black-box attack more than {BLACK_BOX_MARGIN} points below it"))
+
+
+def _pgd_check(combiner: str, strong: tuple[float, float, int] | None, config: EvalConfig) -> SanityCheck | None:
+    if strong is None:
+        return None
+    pgd, pgd_strong, n = strong
+    return SanityCheck(
+        f"pgd_converged_{combiner}", abs(pgd - pgd_strong) <= PGD_CONVERGENCE_MARGIN,
+        f"on {n} examples PGD-{config.steps} {pgd:.2f} vs PGD-{config.sanity_pgd_steps} with "
+        f"{config.sanity_pgd_restarts} restarts {pgd_strong:.2f} (allowed gap {PGD_CONVERGENCE_MARGIN})")
+
+
+def _monotone_check(combiner: str, values: list[float], sweep_eps: tuple[float, ...],
+                    config: EvalConfig) -> SanityCheck:
+    pairs = sorted(zip(sweep_eps, values))
+    rises = [f"{a * 255:.1f}->{b * 255:.1f}/255: {u:.2f}->{v:.2f}"
+             for (a, u), (b, v) in zip(pairs, pairs[1:]) if v > u + 1e-9]
+    return SanityCheck(f"monotone_in_eps_{combiner}", not rises,
+                       f"{config.eps_sweep_attack} accuracy non-increasing over eps" if not rises
+                       else f"{config.eps_sweep_attack} accuracy rises with eps: {'; '.join(rises)}")
 
 
 def relative_improvement(base: dict[str, dict[str, float]], enhanced: dict[str, dict[str, float]]

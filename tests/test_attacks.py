@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchattacks
 
-from igat_core.attacks import ATTACKS, MIM, PGD, AutoAttack, CWLinf, margin_loss
-from igat_core.evaluate import correct_mask
+from igat_core.attacks import ATTACKS, FGSM, MIM, PGD, Attack, AutoAttack, CWLinf, OutputBounds, margin_loss
+from igat_core.evaluate import ATTACK_ORDER, STRONG_PGD, EvalConfig, correct_mask, make_attack
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,6 +52,7 @@ def test_white_box_attacks_stay_in_the_ball_and_lower_accuracy(trained_ensemble,
     adv = attack(x, y)
     assert (adv - x).abs().max().item() <= 0.1 + 1e-6
     assert adv.min().item() >= 0.0 and adv.max().item() <= 1.0
+    assert attack.raw_bounds.within_eps and attack.raw_bounds.within_range
     assert accuracy(trained_ensemble, adv, y) < accuracy(trained_ensemble, x, y) - 20.0
     assert attack.cost.tolist() == [10] * len(y)
 
@@ -146,3 +147,47 @@ def test_autoattack_leaves_the_global_random_state_alone(trained_ensemble, batch
 def test_autoattack_rejects_unknown_components(trained_ensemble):
     with pytest.raises(ValueError, match="components"):
         AutoAttack(trained_ensemble, components=("apgd-dlr",))
+
+
+TINY = EvalConfig(eps=0.3, step=0.075, steps=5, signhunter_queries=40, simba_queries=40, bandits_queries=40,
+                  autoattack_steps=3, square_queries=30, sanity_pgd_steps=5, sanity_pgd_restarts=2)
+
+
+@pytest.mark.parametrize("name", [*(a for a in ATTACK_ORDER if a != "natural"), STRONG_PGD])
+@pytest.mark.parametrize("combiner", ["average", "max"])
+def test_every_attacks_own_output_stays_in_the_eps_ball_and_the_image_range(trained_ensemble, batch, name, combiner):
+    x, y = batch[0][:40], batch[1][:40]
+    attack = make_attack(name, trained_ensemble.with_combiner(combiner), TINY, torch.Generator().manual_seed(0))
+    adv = attack(x, y)
+    bounds = attack.raw_bounds
+    assert bounds.within_eps and bounds.within_range, bounds
+    assert float((adv - x).abs().max()) > 0.0
+
+
+def test_fgsm_clips_to_the_image_range_itself(trained_ensemble, batch):
+    attack = FGSM(trained_ensemble, 0.3)
+    attack(*batch)
+    assert attack.raw_bounds.within_range and attack.raw_bounds.within_eps
+
+
+class Scaling(Attack):
+    """Returns the images times `factor`."""
+
+    def __init__(self, model: torch.nn.Module, eps: float, factor: float):
+        super().__init__(model, eps)
+        self.factor = factor
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return images * self.factor
+
+
+def test_the_base_class_projects_the_output_but_records_what_forward_returned():
+    x, y = torch.full((2, 1, 2, 2), 0.8), torch.zeros(2, dtype=torch.long)
+    attack = Scaling(torch.nn.Identity(), 0.1, 1.5)
+    adv = attack(x, y)
+    assert torch.allclose(adv, torch.full_like(x, 0.9))
+    assert attack.raw_bounds.excess == pytest.approx(0.3) and attack.raw_bounds.high == pytest.approx(1.2)
+    assert not attack.raw_bounds.within_eps and not attack.raw_bounds.within_range
+    nan = Scaling(torch.nn.Identity(), 0.1, float("nan"))
+    nan(x, y)
+    assert nan.raw_bounds == OutputBounds(float("inf"), float("-inf"), float("inf"))

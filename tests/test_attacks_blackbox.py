@@ -55,6 +55,7 @@ def test_black_box_attack_lowers_accuracy_within_eps_and_budget_without_gradient
     assert attacked < natural - 0.05
     assert (adv - x).abs().max().item() <= EPS + 1e-6
     assert adv.min().item() >= 0.0 and adv.max().item() <= 1.0
+    assert attack.raw_bounds.within_eps and attack.raw_bounds.within_range
     assert int(attack.cost.max()) <= queries
     assert not any(grad for _, grad in watched.calls)
     assert sum(size for size, _ in watched.calls) == int(attack.cost.sum())

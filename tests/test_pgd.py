@@ -17,9 +17,11 @@ def batch(digits_test):
 def test_pgd_stays_in_the_eps_ball_and_the_image_range(trained_ensemble, batch):
     x, y = batch
     for eps in (0.05, 0.2):
-        adv = PGD(trained_ensemble, eps=eps, step=eps / 4, steps=10, generator=torch.Generator().manual_seed(0))(x, y)
+        attack = PGD(trained_ensemble, eps=eps, step=eps / 4, steps=10, generator=torch.Generator().manual_seed(0))
+        adv = attack(x, y)
         assert (adv - x).abs().max().item() <= eps + 1e-6
         assert adv.min().item() >= 0.0 and adv.max().item() <= 1.0
+        assert attack.raw_bounds.within_eps and attack.raw_bounds.within_range
 
 
 def test_pgd_is_at_least_as_strong_as_fgsm(trained_ensemble, batch):

@@ -109,8 +109,9 @@ def check_results_contract(results: dict, out: Path) -> None:
     assert results["improvement_over"]["base"] == results["improvement"]
     sanity = results["sanity"]
     for model in ("base", "igat"):
-        for check in ("perturbation_within_eps", "pixels_within_range", "attacks_below_natural_average",
-                      "attacks_below_natural_max"):
+        for check in ("perturbation_within_eps", "pixels_within_range", "rescoring_agrees_average",
+                      "rescoring_agrees_max", "white_box_not_weaker_than_noise_average",
+                      "white_box_not_weaker_than_noise_max"):
             assert sanity[f"{model}.{check}"]["passed"], sanity[f"{model}.{check}"]
         for combiner in ("average", "max"):
             assert isinstance(sanity[f"{model}.pgd_converged_{combiner}"]["passed"], bool)

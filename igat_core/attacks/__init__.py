@@ -3,7 +3,8 @@
 from igat_core.attacks.autoattack import COMPONENTS as AUTOATTACK_COMPONENTS
 from igat_core.attacks.autoattack import AutoAttack
 from igat_core.attacks.bandits import Bandits
-from igat_core.attacks.base import Attack, BlackBoxAttack, cross_entropy, margin_loss, project_linf
+from igat_core.attacks.base import (EPS_TOLERANCE, Attack, BlackBoxAttack, OutputBounds, cross_entropy, margin_loss,
+                                    project_linf)
 from igat_core.attacks.cw import CWLinf
 from igat_core.attacks.mim import MIM
 from igat_core.attacks.pgd import FGSM, PGD
@@ -15,5 +16,6 @@ ATTACKS: dict[str, type[Attack]] = {
     "signhunter": SignHunter, "simba": SimBA, "bandits": Bandits,
 }
 
-__all__ = ["ATTACKS", "AUTOATTACK_COMPONENTS", "Attack", "AutoAttack", "Bandits", "BlackBoxAttack", "CWLinf", "FGSM",
-           "MIM", "PGD", "SignHunter", "SimBA", "cross_entropy", "margin_loss", "project_linf"]
+__all__ = ["ATTACKS", "AUTOATTACK_COMPONENTS", "EPS_TOLERANCE", "Attack", "AutoAttack", "Bandits", "BlackBoxAttack",
+           "CWLinf", "FGSM", "MIM", "OutputBounds", "PGD", "SignHunter", "SimBA", "cross_entropy", "margin_loss",
+           "project_linf"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from igat_core.attacks.base import Attack, ModelMode, project_linf
+from igat_core.attacks.base import Attack, ModelMode
 
 COMPONENTS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 STATE_VERSION = 1
@@ -31,7 +31,9 @@ def model_fingerprint(model: nn.Module) -> str:
 
 class AutoAttack(Attack):
     """The standard cascade APGD-CE -> APGD-T -> FAB-T -> Square; each component attacks only the examples that
-    every earlier one left correctly classified, and an example counts as broken by its first success.
+    every earlier one left correctly classified, and an example counts as broken by its first success, judged
+    on the component's output as torchattacks returns it (every component projects onto the eps-ball and [0,1]
+    itself; `raw_bounds` shows it if one does not).
 
     Reference settings: APGD-CE with 100 iterations and 1 restart; APGD-T (targeted DLR) and FAB-T with 100
     iterations over the 9 most likely wrong classes (num_classes - 1 when fewer); Square with 5,000 queries,
@@ -140,7 +142,7 @@ class AutoAttack(Attack):
             index = state["robust"].nonzero().squeeze(1)
             if index.numel() and not (component == "apgd-t" and num_classes < 4):
                 x, y = images[index.to(images.device)], labels[index.to(images.device)]
-                adv = project_linf(self.run_component(component, x, y, num_classes), x, self.eps)
+                adv = self.run_component(component, x, y, num_classes)
                 with torch.no_grad():
                     fooled = (self.model(adv).argmax(1) != y).cpu()
                 state["robust"][index[fooled]] = False

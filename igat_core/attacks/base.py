@@ -4,11 +4,17 @@ Every attack runs the model in eval mode unless told otherwise (`model_mode="tra
 iGAT code, whose training attacks run with BN in train mode) and restores the model's mode afterwards. After a
 call, `cost` holds what was spent on each example: gradients for white-box attacks, forward queries for
 black-box ones (`BlackBoxAttack`), which see the model only through `query` and never get gradients.
+
+Every attack's own `forward` keeps its output in the eps-ball and [0,1]. `Attack.__call__` still projects the
+output (so the numbers computed on it are always of valid examples), and records in `raw_bounds` what `forward`
+returned before that projection, for the evaluation's sanity checks: a forward that steps outside shows there.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -16,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ModelMode = Literal["eval", "train"]
+EPS_TOLERANCE = 1e-6
 
 
 def project_linf(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,6 +42,43 @@ def cross_entropy(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, labels, reduction="none")
 
 
+@dataclass
+class OutputBounds:
+    """How attack outputs lie relative to their clean images: the largest L-inf distance minus eps (`excess`) and
+    the smallest and largest pixel. Empty (excess -inf) until an output is included; a NaN pixel counts as
+    infinitely far and outside [0,1]. `within_eps` allows EPS_TOLERANCE (1e-6) of float round-off: (x + eps) - x
+    can exceed eps by an ulp of x, 6e-8 for x in [0,1]; `within_range` allows none, as clamping is exact."""
+
+    excess: float = -math.inf
+    low: float = math.inf
+    high: float = -math.inf
+
+    @classmethod
+    def measure(cls, adv: torch.Tensor, images: torch.Tensor, eps: float) -> OutputBounds:
+        if adv.numel() == 0:
+            return cls()
+        distance, low, high = torch.stack([(adv - images).abs().max(), adv.min(), adv.max()]).tolist()
+        if math.isnan(distance):
+            return cls(math.inf, -math.inf, math.inf)
+        return cls(distance - eps, low, high)
+
+    def include(self, other: OutputBounds) -> None:
+        self.excess = max(self.excess, other.excess)
+        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
+
+    @property
+    def empty(self) -> bool:
+        return self.excess == -math.inf
+
+    @property
+    def within_eps(self) -> bool:
+        return self.excess <= EPS_TOLERANCE
+
+    @property
+    def within_range(self) -> bool:
+        return self.low >= 0.0 and self.high <= 1.0
+
+
 class Attack(ABC):
     name: str = "attack"
     white_box: bool = True
@@ -48,6 +92,7 @@ class Attack(ABC):
         self.eps = eps
         self.model_mode = model_mode
         self.cost: torch.Tensor | None = None
+        self.raw_bounds: OutputBounds | None = None
 
     @abstractmethod
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,10 +108,11 @@ class Attack(ABC):
                 adv = self.forward(images.detach(), labels.detach())
         finally:
             self.model.train(was_training)
+        self.raw_bounds = OutputBounds.measure(adv.detach(), images, self.eps)
         return project_linf(adv.detach(), images, self.eps)
 
     def __repr__(self) -> str:
-        hidden = ("model", "cost", "generator")
+        hidden = ("model", "cost", "generator", "raw_bounds")
         params = ", ".join(f"{k}={v}" for k, v in vars(self).items() if k not in hidden and not k.startswith("_"))
         return f"{type(self).__name__}({params})"
 

@@ -57,7 +57,7 @@ class PGD(Attack):
 
 
 class FGSM(Attack):
-    """One signed-gradient step of size eps."""
+    """One signed-gradient step of size eps, clipped to [0,1]."""
 
     name = "fgsm"
 
@@ -65,4 +65,4 @@ class FGSM(Attack):
         x = images.clone().requires_grad_(True)
         grad, = torch.autograd.grad(F.cross_entropy(self.model(x), labels, reduction="sum"), x)
         self.cost = torch.ones(len(images), dtype=torch.long)
-        return images + self.eps * grad.sign()
+        return project_linf(images + self.eps * grad.sign(), images, self.eps)
