@@ -236,7 +236,9 @@ def test_a_spec_gives_the_same_numbers_in_process_and_through_the_service_on_ray
     with served.client() as client:
         remote = client.get(f"/results/{experiment_id}").json()
 
-    assert accuracies(local) == accuracies(remote) and len(accuracies(local)) == 6
+    assert accuracies(local) == accuracies(remote)
+    assert {model for model, _, _ in accuracies(local)} == {"base", "global_at", "igat"}
+    assert len(accuracies(local)) == 9
     print("accuracies on both paths:", accuracies(local))
     run_dir = Path(served.settings.artifact_root) / experiment_id
     for checkpoint in ("checkpoints/base/ensemble.pt", "checkpoints/igat/ensemble.pt"):
