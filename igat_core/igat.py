@@ -231,34 +231,39 @@ class FineTuning:
         return LossOutput(loss, metrics)
 
 
-class GlobalAdversarialTraining(FineTuning):
+class GlobalStepObjective(FineTuning):
+    """L_E plus terms on the global batch (`global_batch`); iGAT and the `global_at` control differ in the terms."""
+
+    def __init__(self, base: BaseMethod, config: IgatConfig):
+        super().__init__(base)
+        self.config = config
+
+    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+        g = global_batch(ensemble, x, y, self.config, generator)
+        extra, metrics = self.global_terms(g, y)
+        return extra, {**metrics, **_errors(g)}
+
+    def global_terms(self, g: GlobalBatch, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+class GlobalAdversarialTraining(GlobalStepObjective):
     """The `global_at` control: L_E + alpha * ordinary ensemble adversarial training on iGAT's global adversarial
     examples (every member takes every example's CE; no distributing rule, no L_R)."""
 
-    def __init__(self, base: BaseMethod, config: IgatConfig):
-        super().__init__(base)
-        self.config = config
-
-    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def global_terms(self, g: GlobalBatch, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        g = global_batch(ensemble, x, y, c, generator)
         adversarial = ensemble_adversarial_loss(g.logits[:, g.size:], y, g.charged(c.misclassified_only),
                                                 c.global_loss_mean)
-        return c.alpha * adversarial, {"global_adv_loss": float(adversarial.detach()), **_errors(g)}
+        return c.alpha * adversarial, {"global_adv_loss": float(adversarial.detach())}
 
 
-class IgatObjective(FineTuning):
+class IgatObjective(GlobalStepObjective):
     """The enhanced loss of eq. (16) for one batch: L_E + alpha * global adversarial loss + beta * L_R."""
 
-    def __init__(self, base: BaseMethod, config: IgatConfig):
-        super().__init__(base)
-        self.config = config
-
-    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def global_terms(self, g: GlobalBatch, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        g = global_batch(ensemble, x, y, c, generator)
         b = g.size
         adv_probs_true = g.probs[:, b:].gather(2, y.view(1, b, 1).expand(g.probs.shape[0], b, 1)).squeeze(2).T
         assignment = roulette_select(distribution_probs(adv_probs_true.detach(), c.rule), g.rule_generator)
@@ -267,8 +272,7 @@ class IgatObjective(FineTuning):
         regularizer = self.regularizer(g, y)
         # eq. (16), without L_E
         extra = c.alpha * global_loss + c.beta * regularizer
-        return extra, {"global_adv_loss": float(global_loss.detach()), "regularizer": float(regularizer.detach()),
-                       **_errors(g)}
+        return extra, {"global_adv_loss": float(global_loss.detach()), "regularizer": float(regularizer.detach())}
 
     def regularizer(self, g: GlobalBatch, y: torch.Tensor) -> torch.Tensor:
         """L_R (eq. 15) averaged over the natural and adversarial examples (eq. 16), or over the adversarial ones
