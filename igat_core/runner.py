@@ -331,15 +331,15 @@ class Runner:
         evaluation: dict = {"eps": self.spec.eval.eps, "n_examples": evaluation_file["n_examples"], **accuracy}
         if evaluation_file.get("eps_sweep"):
             evaluation["eps_sweep"] = evaluation_file["eps_sweep"]
-        improvement = relative_improvement(accuracy["base"], accuracy["igat"]) if "igat" in accuracy else {}
         references = [m for m in accuracy if m != "igat"] if "igat" in accuracy else []
+        improvement_over = {m: relative_improvement(accuracy[m], accuracy["igat"]) for m in references}
         artifacts = {f"{model}_checkpoint": model_checkpoint(model) for model in accuracy}
         return {
             "name": self.spec.name,
             "spec": self.spec.model_dump(mode="json"),
             "evaluation": evaluation,
-            "improvement": improvement,
-            "improvement_over": {m: relative_improvement(accuracy[m], accuracy["igat"]) for m in references},
+            "improvement": improvement_over.get("base", {}),
+            "improvement_over": improvement_over,
             "gain_points": {m: point_differences(accuracy[m], accuracy["igat"]) for m in references},
             "attack_cost": evaluation_file.get("cost", {}),
             "diagnostics": evaluation_file.get("diagnostics", {}),
