@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from igat_core.models import MemberOutput, ModelConfig, Normalized, build_model
+from igat_core.rundir import replacing
 
 Combiner = Literal["average", "max"]
 COMBINERS: tuple[str, ...] = ("average", "max")
@@ -147,11 +148,8 @@ def method_state(payload: Mapping) -> MethodState | None:
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(Path(path)) as tmp:
+        torch.save(obj, tmp)
 
 
 def ensemble_from_checkpoint(payload: Mapping, combiner: str | None = None) -> Ensemble:

@@ -11,11 +11,9 @@ continues the interrupted one from its last epoch checkpoint. Each fine-tune (iG
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,27 +27,17 @@ from igat_core.evaluate import (EvalConfig, evaluate_ensemble, evaluation_record
 from igat_core.igat import CONTROLS, FineTuning, IgatConfig, IgatObjective, control_objective
 from igat_core.models import ModelConfig
 from igat_core.report import write_report
+from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
+                             TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, write_json_atomic)
 from igat_core.runtime import runtime_record, torch_threads
 from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, dump_spec, load_spec
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
 
 MODELS: tuple[str, ...] = ("base", *CONTROLS, "igat")
-TUNE_RESULTS = "tune.json"
-
-
-def model_checkpoint(model: str) -> str:
-    """The saved ensemble of `model` (base, igat or a control), relative to the run directory."""
-    return f"checkpoints/{model}/ensemble.pt"
 
 
 BASE_CHECKPOINT = model_checkpoint("base")
 IGAT_CHECKPOINT = model_checkpoint("igat")
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,36 +87,6 @@ def base_method_params(spec: ExperimentSpec) -> dict:
     return params
 
 
-@dataclass
-class RunLog:
-    """Appends progress events and per-epoch metrics to the run directory (the service ingests both)."""
-
-    out: Path
-
-    def event(self, phase: str, event: str, message: str = "", **data: object) -> None:
-        record = {"time": datetime.now(timezone.utc).isoformat(), "phase": phase, "event": event,
-                  "message": message, **data}
-        with open(self.out / "events.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def metrics(self, metrics: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
-        self.event(metrics["phase"], "epoch", f"epoch {metrics['epoch']}: {shown}", epoch=metrics["epoch"])
-
-    def drop_metrics_after(self, phase: str, epoch: int) -> None:
-        """Forget metrics of epochs that the resumed phase will redo, so each epoch appears once."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and not (json.loads(line)["phase"] == phase and json.loads(line)["epoch"] > epoch)]
-        tmp = path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-
 TunePhase = Callable[["Runner", Split], dict]
 
 
@@ -145,7 +103,7 @@ class Runner:
         self.tune_fn = tune_fn
         self.device = resolve_device(spec.resources.device)
         self.log = RunLog(self.out)
-        self.state_path = self.out / "state.json"
+        self.state_path = self.out / STATE_FILE
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -186,13 +144,13 @@ class Runner:
         if not self._done("evaluate"):
             self._evaluate()
         results = self._results()
-        write_json_atomic(self.out / "results.json", results)
+        write_json_atomic(self.out / RESULTS_FILE, results)
         write_report(results, self.out)
         self.log.event("run", "finished", "results.json and report.md written")
         return results
 
     def _check_same_spec(self) -> None:
-        spec_path = self.out / "spec.yaml"
+        spec_path = self.out / SPEC_FILE
         text = dump_spec(self.spec)
         if spec_path.exists() and load_spec(spec_path) != self.spec:
             raise RuntimeError(f"{self.out} holds a run of a different spec; use another --out directory")
@@ -201,7 +159,7 @@ class Runner:
 
     def _fit(self, phase: str, ensemble: Ensemble, objective, train: Split, optim: OptimSpec, seed_offset: int,
              checkpoint_name: str) -> float:
-        ckpt_dir = self.out / "checkpoints" / checkpoint_name
+        ckpt_dir = checkpoint_dir(self.out, checkpoint_name)
         config = train_config(optim, self.spec, seed_offset)
         resumed_epoch = last_checkpoint_epoch(ckpt_dir)
         self.log.drop_metrics_after(phase, resumed_epoch)
@@ -211,7 +169,7 @@ class Runner:
         self.fit_fn(FitRequest(phase, ensemble, objective, train, config, ckpt_dir, self.device,
                                lambda m, _: self.log.metrics(m), self.progress))
         state = objective.state_dict() if isinstance(objective, MethodHooks) else {}
-        ensemble.cpu().save(ckpt_dir / "ensemble.pt", MethodState(self.spec.base.method, state))
+        ensemble.cpu().save(self.out / model_checkpoint(checkpoint_name), MethodState(self.spec.base.method, state))
         return time.perf_counter() - started
 
     def _pretrain(self, train: Split) -> None:
@@ -275,7 +233,7 @@ class Runner:
         self.log.event("tune", "started", f"alpha/beta search ({self.spec.tune.mode}) on the validation split")
         started = time.perf_counter()
         record = self.tune_fn(self, train)
-        write_json_atomic(self.out / TUNE_RESULTS, record)
+        write_json_atomic(self.out / TUNE_FILE, record)
         chosen = record["chosen"]
         self._finish_phase("tune", time.perf_counter() - started, alpha=chosen["alpha"], beta=chosen["beta"])
 
@@ -300,10 +258,10 @@ class Runner:
             ensemble = load_ensemble(self.out / model_checkpoint(model))
             evaluation[model] = evaluate_ensemble(ensemble, images, labels, config, device=self.device,
                                                   progress=self.progress, desc=f"evaluate {model}",
-                                                  state_dir=self.out / "eval_state")
+                                                  state_dir=self.out / EVAL_STATE_DIR)
         record = evaluation_record(evaluation, config, len(labels))
         record["diagnostics"] = self._diagnostics(images, labels)
-        write_json_atomic(self.out / "evaluation.json", record)
+        write_json_atomic(self.out / EVALUATION_FILE, record)
         self._finish_phase("evaluate", time.perf_counter() - started)
 
     def _diagnostics(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -326,7 +284,7 @@ class Runner:
 
     def _results(self) -> dict:
         state = self._state()
-        evaluation_file = json.loads((self.out / "evaluation.json").read_text())
+        evaluation_file = json.loads((self.out / EVALUATION_FILE).read_text())
         accuracy = evaluation_file["accuracy"]
         evaluation: dict = {"eps": self.spec.eval.eps, "n_examples": evaluation_file["n_examples"], **accuracy}
         if evaluation_file.get("eps_sweep"):
@@ -345,7 +303,7 @@ class Runner:
             "diagnostics": evaluation_file.get("diagnostics", {}),
             "sanity": evaluation_file["sanity"],
             "timing": {phase: info["seconds"] for phase, info in state["phases"].items()},
-            "tune": json.loads((self.out / TUNE_RESULTS).read_text()) if (self.out / TUNE_RESULTS).exists() else None,
+            "tune": json.loads((self.out / TUNE_FILE).read_text()) if (self.out / TUNE_FILE).exists() else None,
             "artifacts": artifacts,
             "device": str(self.device),
             "torch": torch.__version__,
@@ -355,7 +313,7 @@ class Runner:
 
 def _legacy_method_state(out: Path, name: str) -> MethodState | None:
     """Runs made before base checkpoints carried their method state keep it in checkpoints/base/last.pt."""
-    last = load_last_checkpoint(out / "checkpoints" / "base")
+    last = load_last_checkpoint(checkpoint_dir(out, "base"))
     return MethodState(name, last["method"]) if last is not None and last.get("method") else None
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from igat_core.data import Split, augment_crop_flip
 from igat_core.defenses.base import LossOutput, MethodHooks
 from igat_core.ensemble import Ensemble, atomic_torch_save, ensemble_from_checkpoint
+from igat_core.rundir import LAST_CHECKPOINT
 
 
 class Objective(Protocol):
@@ -34,7 +35,6 @@ class Objective(Protocol):
 
 Report = Callable[[dict, Path], None]
 GradientSync = Callable[[Iterable[torch.nn.Parameter]], None]
-LAST_CHECKPOINT = "last.pt"
 
 
 @dataclass(frozen=True)

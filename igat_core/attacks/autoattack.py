@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from igat_core.attacks.base import Attack, ModelMode
+from igat_core.ensemble import atomic_torch_save
 
 COMPONENTS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 STATE_VERSION = 1
@@ -121,10 +122,7 @@ class AutoAttack(Attack):
     def _save(self, path: Path | None, state: dict) -> None:
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(state, path)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n = len(images)
