@@ -65,9 +65,6 @@ def _register_theory_commands() -> None:
 _register_theory_commands()
 
 
-TABLE1_DEFAULT = ["natural", "pgd", "cw", "signhunter", "autoattack"]
-
-
 def _split_names(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
@@ -95,7 +92,9 @@ def _eval_spec(config: Path | None, overrides: dict):
             raise SpecError(str(config), [("(root)", "expected a mapping of eval fields")])
         data = data.get("eval", data)
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-    data.setdefault("attacks", TABLE1_DEFAULT)
+    from igat_core.report import TABLE1_ATTACKS
+
+    data.setdefault("attacks", list(TABLE1_ATTACKS))
     if "eps" in overrides and overrides["eps"] is not None and "step" not in data:
         from igat_core.spec import _parse_fraction
 
@@ -184,56 +183,78 @@ def evaluate(
     except SpecError as exc:
         raise fail(str(exc), code=2) from None
 
-    import time
-
-    from igat_core.data import DatasetUnavailable, equidistant_indices, load_dataset
-    from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record, relative_improvement
-    from igat_core.report import (accuracy_table, extra_table, failed_checks, improvement_table, sweep_table,
-                                  write_report)
-    from igat_core.runner import resolve_device, write_json_atomic
+    from igat_core.data import DatasetUnavailable
 
     try:
-        models = {"model": _load_checkpoint(checkpoint)}
-        if baseline is not None:
-            models = {"baseline": _load_checkpoint(baseline), **models}
-        name = _checkpoint_dataset(checkpoint, models["model"].config, dataset)
-        if baseline is not None:
-            _checkpoint_dataset(baseline, models["baseline"].config, name)
-        torch_device = resolve_device(device)
-        test = load_dataset(name, "test")
+        models, name = _eval_models(checkpoint, baseline, dataset)
+        torch_device = _device(device)
+        record, seconds = _evaluate_models(models, name, spec, out, torch_device, seed, progress=not quiet)
     except (ValueError, RuntimeError, DatasetUnavailable) as exc:
         raise fail(f"igat eval: {exc}", code=2) from None
+    from igat_core.results import results_record
 
+    results = results_record(
+        record, name=f"igat eval {checkpoint}", spec={"eval": spec.model_dump(mode="json")}, eps=spec.eps,
+        timing={"evaluate": seconds}, device=torch_device, reference="baseline", target="model",
+        artifacts={m: str(p) for m, p in (("model", checkpoint), ("baseline", baseline)) if p is not None},
+        provenance={"checkpoint": str(checkpoint), "dataset": name, "seed": seed,
+                    "improvement_label": "model vs baseline"})
+    _write_eval_results(results, out)
+    _print_eval(results, checkpoint, name, out)
+
+
+def _device(name: str):
+    from igat_core.runner import resolve_device
+
+    return resolve_device(name)
+
+
+def _eval_models(checkpoint: Path, baseline: Path | None, dataset: str | None) -> tuple[dict, str]:
+    """{"baseline"?, "model"} ensembles, and the dataset they are evaluated on."""
+    models = {"model": _load_checkpoint(checkpoint)}
+    if baseline is not None:
+        models = {"baseline": _load_checkpoint(baseline), **models}
+    name = _checkpoint_dataset(checkpoint, models["model"].config, dataset)
+    if baseline is not None:
+        _checkpoint_dataset(baseline, models["baseline"].config, name)
+    return models, name
+
+
+def _evaluate_models(models: dict, dataset: str, spec, out: Path, device, seed: int, *,
+                     progress: bool) -> tuple[dict, float]:
+    """The evaluation record of every model on the test examples, and its seconds."""
+    import time
+
+    from igat_core.data import equidistant_indices, load_dataset
+    from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record
+    from igat_core.rundir import EVAL_STATE_DIR
+
+    test = load_dataset(dataset, "test")
     idx = equidistant_indices(len(test.labels), spec.n_examples)
-    images, labels = test.images[idx], test.labels[idx]
-    eval_config = EvalConfig.from_spec(spec, seed)
+    config = EvalConfig.from_spec(spec, seed)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    evaluations = {m: evaluate_ensemble(e, images, labels, eval_config, device=torch_device, progress=not quiet,
-                                        desc=f"evaluate {m}", state_dir=out / "eval_state")
+    evaluations = {m: evaluate_ensemble(e, test.images[idx], test.labels[idx], config, device=device,
+                                        progress=progress, desc=f"evaluate {m}", state_dir=out / EVAL_STATE_DIR)
                    for m, e in models.items()}
-    record = evaluation_record(evaluations, eval_config, len(labels))
-    evaluation = {"eps": spec.eps, "n_examples": len(labels), **record["accuracy"]}
-    if "eps_sweep" in record:
-        evaluation["eps_sweep"] = record["eps_sweep"]
-    results = {
-        "name": f"igat eval {checkpoint}",
-        "checkpoint": str(checkpoint), "dataset": name, "seed": seed,
-        "spec": {"eval": spec.model_dump(mode="json")},
-        "evaluation": evaluation,
-        "improvement": relative_improvement(record["accuracy"]["baseline"], record["accuracy"]["model"])
-        if baseline is not None else {},
-        "improvement_label": "model vs baseline",
-        "attack_cost": record["cost"],
-        "sanity": record["sanity"],
-        "timing": {"evaluate": time.perf_counter() - started},
-        "artifacts": {m: str(p) for m, p in (("model", checkpoint), ("baseline", baseline)) if p is not None},
-        "device": str(torch_device),
-    }
-    write_json_atomic(out / "results.json", results)
+    return evaluation_record(evaluations, config, len(idx)), time.perf_counter() - started
+
+
+def _write_eval_results(results: dict, out: Path) -> None:
+    from igat_core.report import write_report
+    from igat_core.rundir import RESULTS_FILE, write_json_atomic
+
+    write_json_atomic(out / RESULTS_FILE, results)
     write_report(results, out)
-    typer.echo(f"\n{checkpoint} on {name}: accuracy (%) on {len(labels)} test examples, "
-               f"eps {spec.eps * 255:.2f}/255\n")
+
+
+def _print_eval(results: dict, checkpoint: Path, dataset: str, out: Path) -> None:
+    from igat_core.report import accuracy_table, extra_table, failed_checks, improvement_table, sweep_table
+    from igat_core.rundir import REPORT_FILE, RESULTS_FILE
+
+    evaluation = results["evaluation"]
+    typer.echo(f"\n{checkpoint} on {dataset}: accuracy (%) on {evaluation['n_examples']} test examples, "
+               f"eps {evaluation['eps'] * 255:.2f}/255\n")
     for title, table in (("Table 1", accuracy_table(results)), ("Further attacks, union", extra_table(results)),
                          ("Table 2: relative improvement (%)", improvement_table(results)),
                          ("Accuracy against eps", sweep_table(results))):
@@ -241,8 +262,8 @@ def evaluate(
             typer.echo(f"{title}\n{table}\n")
     failed = failed_checks(results)
     if failed:
-        typer.secho(f"SANITY CHECKS FAILED: {', '.join(failed)} (see {out / 'report.md'})", fg=typer.colors.RED)
-    typer.echo(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
+        typer.secho(f"SANITY CHECKS FAILED: {', '.join(failed)} (see {out / REPORT_FILE})", fg=typer.colors.RED)
+    typer.echo(f"results: {out / RESULTS_FILE}  report: {out / REPORT_FILE}")
 
 
 def main() -> None:

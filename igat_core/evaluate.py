@@ -39,18 +39,18 @@ import os
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import torch
 from tqdm.auto import tqdm
 
-from igat_core.attacks import (EPS_TOLERANCE, MIM, PGD, Attack, AutoAttack, Bandits, CWLinf, OutputBounds, SignHunter,
-                               SimBA, margin_loss, project_linf)
+from igat_core.attacks import ATTACKS, EPS_TOLERANCE, PGD, Attack, OutputBounds, margin_loss, project_linf
 from igat_core.ensemble import Ensemble
+from igat_core.spec import AttackName
 
-WHITE_BOX: tuple[str, ...] = ("pgd", "cw", "mim", "autoattack")
-BLACK_BOX: tuple[str, ...] = ("signhunter", "simba", "bandits")
-ATTACK_ORDER: tuple[str, ...] = ("natural", *WHITE_BOX, *BLACK_BOX)
+ATTACK_ORDER: tuple[str, ...] = get_args(AttackName)
+WHITE_BOX: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and ATTACKS[a].white_box)
+BLACK_BOX: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and not ATTACKS[a].white_box)
 BLACK_BOX_MARGIN = 0.5
 PGD_CONVERGENCE_MARGIN = 2.0
 NOISE_MARGIN = 1.0
@@ -156,27 +156,15 @@ def _generator(config: EvalConfig, combiner: str, attack: str, surrogate: str, e
 
 def make_attack(name: str, model: torch.nn.Module, config: EvalConfig, generator: torch.Generator, *,
                 eps: float | None = None, state_dir: str | os.PathLike | None = None) -> Attack:
-    """The default `AttackFactory`: every attack of ATTACK_ORDER and the sanity check's strong PGD."""
+    """The default `AttackFactory`: every attack of ATTACK_ORDER (from `attacks.ATTACKS`) and the sanity check's
+    strong PGD."""
     eps = config.eps if eps is None else eps
-    if name == "pgd":
-        return PGD(model, eps, config.step, config.steps, random_start=True, generator=generator)
     if name == STRONG_PGD:
         return PGD(model, eps, config.step, config.sanity_pgd_steps, random_start=True,
                    restarts=config.sanity_pgd_restarts, generator=generator)
-    if name == "cw":
-        return CWLinf(model, eps, config.step, config.steps, kappa=config.cw_kappa, generator=generator)
-    if name == "mim":
-        return MIM(model, eps, config.step, config.steps, decay=config.mim_decay)
-    if name == "autoattack":
-        return AutoAttack(model, eps, steps=config.autoattack_steps, square_queries=config.square_queries,
-                          seed=config.seed, state_dir=state_dir)
-    if name == "signhunter":
-        return SignHunter(model, eps, queries=config.signhunter_queries)
-    if name == "simba":
-        return SimBA(model, eps, queries=config.simba_queries, generator=generator)
-    if name == "bandits":
-        return Bandits(model, eps, queries=config.bandits_queries, generator=generator)
-    raise ValueError(f"unknown attack {name!r}")
+    if name not in ATTACK_ORDER or name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}")
+    return ATTACKS[name].from_settings(model, eps, config, generator, state_dir=state_dir)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from igat_core.attacks import PGD
-from igat_core.defenses.base import BaseMethod, LossOutput
+from igat_core.defenses.base import PAPER_IGAT_WEIGHTS, BaseMethod, LossOutput
 from igat_core.ensemble import Ensemble, combine_probs
 
 Rule = Literal["soft", "hard", "random", "opposite"]
@@ -129,8 +129,8 @@ def forked_generator(generator: torch.Generator | None) -> torch.Generator | Non
 
 @dataclass(frozen=True)
 class IgatConfig:
-    alpha: float = 5.0
-    beta: float = 10.0
+    alpha: float = PAPER_IGAT_WEIGHTS[0]
+    beta: float = PAPER_IGAT_WEIGHTS[1]
     rule: str = "soft"
     regularizer: str = "paper"
     regularizer_clip: float = 0.99
@@ -142,7 +142,7 @@ class IgatConfig:
     step: float = 2 / 255
     steps: int = 20
     random_start: bool = True
-    bn_mode: str = "eval"
+    model_mode: str = "eval"
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -180,7 +180,7 @@ def global_batch(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, config: I
     attack_generator, rule_generator = forked_generator(generator), forked_generator(generator)
     combined_model = ensemble.with_combiner(config.combiner)
     attack = PGD(combined_model, config.eps, config.step, config.steps, config.random_start,
-                 model_mode=config.bn_mode, generator=attack_generator)
+                 model_mode=config.model_mode, generator=attack_generator)
     # eq. (12): global adversarial examples of the combined ensemble
     x_adv = attack(x, y)
     logits = ensemble.member_logits(torch.cat([x, x_adv]))
@@ -298,3 +298,8 @@ def control_objective(name: str, base: BaseMethod, config: IgatConfig) -> FineTu
     if name == "global_at":
         return GlobalAdversarialTraining(base, config)
     raise ValueError(f"unknown control {name!r}; known: {', '.join(CONTROLS)}")
+
+
+def fine_tune_objective(model: str, base: BaseMethod, config: IgatConfig) -> FineTuning:
+    """The objective that fine-tunes `model` from the base ensemble: iGAT's (eq. 16) or an equal-budget control's."""
+    return IgatObjective(base, config) if model == "igat" else control_objective(model, base, config)

@@ -78,18 +78,26 @@ def _comparison_grid(rows: dict[str, dict[str, dict[str, float | None]]]) -> str
     return "\n".join(lines)
 
 
+def _target(results: dict) -> str:
+    """The model the comparisons are of: the evaluated model that is no reference (iGAT in a run)."""
+    references = results.get("improvement_over") or {}
+    return next((m for m in _models(results["evaluation"]) if m not in references), "igat")
+
+
 def improvement_table(results: dict) -> str:
-    """Table 2: (iGAT - reference) / reference x 100 for each combiner and attack, one row per reference (the base
-    and each control model), or the single row of `improvement` (`igat eval --baseline`)."""
-    over = {f"iGAT vs {MODEL_TITLES[m]}": values for m, values in (results.get("improvement_over") or {}).items()}
+    """Table 2: (target - reference) / reference x 100 for each combiner and attack, one row per reference (the
+    base and each control model; `igat eval --baseline`: the baseline)."""
+    target = MODEL_TITLES.get(_target(results), "iGAT")
+    over = {f"{target} vs {MODEL_TITLES[m]}": values for m, values in (results.get("improvement_over") or {}).items()}
     if not over and results.get("improvement"):
         over = {results.get("improvement_label", "iGAT vs base"): results["improvement"]}
     return _comparison_grid(over) if over else ""
 
 
 def gain_table(results: dict) -> str:
-    """iGAT's accuracy minus each reference model's (base and controls), in points."""
-    gains = {f"iGAT - {MODEL_TITLES[m]}": values for m, values in (results.get("gain_points") or {}).items()}
+    """The target's accuracy minus each reference model's (base and controls), in points."""
+    target = MODEL_TITLES.get(_target(results), "iGAT")
+    gains = {f"{target} - {MODEL_TITLES[m]}": values for m, values in (results.get("gain_points") or {}).items()}
     return _comparison_grid(gains) if gains else ""
 
 

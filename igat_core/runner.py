@@ -1,20 +1,21 @@
-"""A whole experiment in-process: pretrain (or load) the base ensemble, iGAT fine-tune, the equal-budget control
-fine-tunes, evaluate, report.
+"""A whole experiment as phases: pretrain (or load) the base ensemble, tune alpha/beta (on Ray), fine-tune iGAT and
+the equal-budget controls, evaluate, report.
 
-The run directory holds spec.yaml, checkpoints/{base,igat,continued,global_at}/, metrics.jsonl, events.jsonl,
-results.json, report.md. Every phase is resumable: rerunning on the same directory skips finished phases and
-continues the interrupted one from its last epoch checkpoint. Each fine-tune (iGAT and every control in
-`spec.controls`) starts from the same base checkpoint, with the base method's state, and gets the same budget:
-`igat.train`, the same seed and so the same batches.
+Each phase is a function of a `RunContext` (spec, run directory, device, how to train) and its explicit inputs;
+it writes its files in the run directory (igat_core.rundir) and returns what it made. `Runner` composes them for
+`igat run` and the Ray runner, skipping the phases state.json marks done and resuming an interrupted one from its
+last epoch checkpoint. Every fine-tune (iGAT and each control of `spec.controls`) starts from the same base
+checkpoint, with the base method's state, and gets the same budget: `igat.train`, the same seed and so the same
+batches.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,22 +23,24 @@ from igat_core.data import Split, dataset_info, equidistant_indices, load_datase
 from igat_core.defenses import DEFENSES, BaseMethod, build_method
 from igat_core.defenses.base import MethodHooks
 from igat_core.ensemble import Ensemble, MethodState, import_dverge_checkpoint, load_ensemble, method_state
-from igat_core.evaluate import (EvalConfig, evaluate_ensemble, evaluation_record, point_differences,
-                                relative_improvement)
-from igat_core.igat import CONTROLS, FineTuning, IgatConfig, IgatObjective, control_objective
+from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record
+from igat_core.igat import CONTROLS, FineTuning, IgatConfig, fine_tune_objective
 from igat_core.models import ModelConfig
 from igat_core.report import write_report
-from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
-                             TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, write_json_atomic)
-from igat_core.runtime import runtime_record, torch_threads
+from igat_core.results import results_record
+from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE, TUNE_FILE, RunLog,
+                              checkpoint_dir, model_checkpoint, read_json, write_json_atomic)
+from igat_core.runtime import torch_threads
 from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, dump_spec, load_spec
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
 
 MODELS: tuple[str, ...] = ("base", *CONTROLS, "igat")
-
-
 BASE_CHECKPOINT = model_checkpoint("base")
 IGAT_CHECKPOINT = model_checkpoint("igat")
+DIAGNOSED_MODELS = ("base", "igat")
+
+
+# ----------------------------------------------------------------------------------------- the spec, resolved
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,17 +64,26 @@ def train_config(optim: OptimSpec, spec: ExperimentSpec, seed_offset: int) -> Tr
                        tuple(optim.milestones), optim.gamma, augment, spec.seed + seed_offset, optim.optimizer)
 
 
-def igat_config(spec: ExperimentSpec) -> IgatConfig:
-    """iGAT settings; alpha/beta not given in the spec take the base method's defaults (section 6.1)."""
+def fine_tune_config(spec: ExperimentSpec) -> TrainConfig:
+    """The budget every fine-tune gets: `igat.train`, seeded one past the pretraining."""
+    return train_config(spec.igat.train, spec, seed_offset=1)
+
+
+def igat_config(spec: ExperimentSpec, tuned: Mapping[str, Any] | None = None) -> IgatConfig:
+    """iGAT settings: alpha/beta from the search's `tuned` pair, else the spec, else the base method's defaults
+    (section 6.1)."""
     g = spec.igat
     default_alpha, default_beta = DEFENSES[spec.base.method].igat_defaults
     alpha = default_alpha if g.alpha is None else g.alpha
     beta = default_beta if g.beta is None else g.beta
+    if tuned is not None:
+        alpha, beta = float(tuned["alpha"]), float(tuned["beta"])
     return IgatConfig(alpha=alpha, beta=beta, rule=g.rule, regularizer=g.regularizer,
                       regularizer_clip=g.regularizer_clip, regularizer_on=g.regularizer_on,
                       misclassified_only=g.misclassified_only,
                       global_loss_mean=g.global_loss_mean, combiner=spec.ensemble.combiner, eps=g.attack.eps,
-                      step=g.attack.step, steps=g.attack.steps, random_start=g.attack.random_start, bn_mode=g.bn_mode)
+                      step=g.attack.step, steps=g.attack.steps, random_start=g.attack.random_start,
+                      model_mode=g.model_mode)
 
 
 def base_method_params(spec: ExperimentSpec) -> dict:
@@ -87,7 +99,214 @@ def base_method_params(spec: ExperimentSpec) -> dict:
     return params
 
 
-TunePhase = Callable[["Runner", Split], dict]
+def fine_tuned_models(spec: ExperimentSpec) -> list[str]:
+    """The models fine-tuned from the base, in the order they train: iGAT, then the spec's controls."""
+    return ["igat", *(c for c in CONTROLS if c in spec.controls)] if spec.igat.enabled else []
+
+
+def trained_models(spec: ExperimentSpec) -> list[str]:
+    """Every model of a run in results.json's order: base, the controls, iGAT."""
+    return [m for m in MODELS if m == "base" or m in fine_tuned_models(spec)]
+
+
+# ---------------------------------------------------------------------------------------- context and state
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every phase reads: the spec, the run directory, the device, and how a training phase runs."""
+
+    spec: ExperimentSpec
+    out: Path
+    device: torch.device
+    fit_fn: FitFn = local_fit
+    progress: bool = True
+    log: RunLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log", RunLog(self.out))
+
+
+@dataclass(frozen=True)
+class RunState:
+    """state.json: the finished phases, each with its seconds (and what it chose, for the search)."""
+
+    path: Path
+
+    def phases(self) -> dict[str, dict]:
+        return (read_json(self.path) or {"phases": {}})["phases"]
+
+    def done(self, phase: str) -> bool:
+        return self.phases().get(phase, {}).get("done", False)
+
+    def finish(self, phase: str, seconds: float, **extra: object) -> None:
+        phases = self.phases()
+        phases[phase] = {"done": True, "seconds": seconds, **extra}
+        write_json_atomic(self.path, {"phases": phases})
+
+    def timing(self) -> dict[str, float]:
+        return {phase: info["seconds"] for phase, info in self.phases().items()}
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_phase(ctx: RunContext, phase: str, ensemble: Ensemble, objective: Any, train: Split,
+                config: TrainConfig, model: str) -> None:
+    """Train `ensemble` as `phase` through `ctx.fit_fn` (resuming from its last epoch checkpoint) and save it, with
+    the method state the objective holds, as `model`'s checkpoint."""
+    ckpt_dir = checkpoint_dir(ctx.out, model)
+    resumed_epoch = last_checkpoint_epoch(ckpt_dir)
+    ctx.log.drop_metrics_after(phase, resumed_epoch)
+    ctx.log.event(phase, "started", f"{phase}: epochs {resumed_epoch + 1}..{config.epochs}",
+                  resumed_from_epoch=resumed_epoch)
+    ctx.fit_fn(FitRequest(phase, ensemble, objective, train, config, ckpt_dir, ctx.device,
+                          lambda m, _: ctx.log.metrics(m), ctx.progress))
+    state = objective.state_dict() if isinstance(objective, MethodHooks) else {}
+    ensemble.cpu().save(ctx.out / model_checkpoint(model), MethodState(ctx.spec.base.method, state))
+
+
+def pretrain(ctx: RunContext, train: Split) -> dict[str, object]:
+    """The base ensemble: trained with the base method, or loaded from `base.checkpoint`. Returns state extras."""
+    base = ctx.spec.base
+    if base.checkpoint:
+        ctx.log.event("pretrain", "started", f"loading pretrained ensemble {base.checkpoint}")
+        ensemble, stored = load_pretrained(ctx.spec, base.checkpoint)
+        ensemble.save(ctx.out / BASE_CHECKPOINT, stored)
+        return {"loaded": base.checkpoint}
+    method = build_method(base.method, base_method_params(ctx.spec))
+    torch.manual_seed(ctx.spec.seed)
+    ensemble = Ensemble(method.configure_model(model_config(ctx.spec)), ctx.spec.ensemble.members,
+                        ctx.spec.ensemble.combiner)
+    train_phase(ctx, "pretrain", ensemble, method, train, train_config(base.train, ctx.spec, 0), "base")
+    return {}
+
+
+def load_pretrained(spec: ExperimentSpec, path: str) -> tuple[Ensemble, MethodState | None]:
+    """The ensemble of `base.checkpoint` and the method state saved with it (an igat checkpoint's)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and "format" in payload:
+        return load_ensemble(path, spec.ensemble.combiner), method_state(payload)
+    return import_dverge_checkpoint(path, model_config(spec), spec.ensemble.combiner), None
+
+
+def base_method(ctx: RunContext) -> BaseMethod:
+    """The base method with the state it trained the base ensemble with (CLDL's label-confusion model)."""
+    method = build_method(ctx.spec.base.method, base_method_params(ctx.spec))
+    payload = torch.load(ctx.out / BASE_CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    stored = method_state(payload) or _legacy_method_state(ctx.out, method.name)
+    if stored is not None and stored.name == method.name:
+        method.load_state_dict(stored.state)
+    elif method.has_state:
+        found = f"state of {stored.name!r}" if stored else "no method state"
+        ctx.log.event("pretrain", "warning", f"the base checkpoint holds {found}: {method.name}'s own state "
+                      "(e.g. CLDL's label-confusion model) starts untrained in the fine-tunes")
+    return method
+
+
+def _legacy_method_state(out: Path, name: str) -> MethodState | None:
+    """Runs made before base checkpoints carried their method state keep it in checkpoints/base/last.pt."""
+    last = load_last_checkpoint(checkpoint_dir(out, "base"))
+    return MethodState(name, last["method"]) if last is not None and last.get("method") else None
+
+
+def fine_tune(ctx: RunContext, model: str, train: Split, objective: FineTuning) -> None:
+    """Fine-tune `model` (iGAT or a control) from the base checkpoint with `objective`, on iGAT's budget."""
+    ensemble = load_ensemble(ctx.out / BASE_CHECKPOINT, ctx.spec.ensemble.combiner)
+    train_phase(ctx, model, ensemble, objective, train, fine_tune_config(ctx.spec), model)
+
+
+# ------------------------------------------------------------------------------------------- the search
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What the alpha/beta search reads: the spec (its `tune`, `dataset`, `eval`), the run directory, the
+    training split, the base method with its state, and the iGAT settings the trials vary alpha/beta of."""
+
+    spec: ExperimentSpec
+    out: Path
+    train: Split
+    method: BaseMethod
+    igat: IgatConfig
+    log: RunLog
+
+    @property
+    def base_checkpoint(self) -> Path:
+        return self.out / BASE_CHECKPOINT
+
+
+TunePhase = Callable[[TuneRequest], dict]
+
+
+def tune(ctx: RunContext, train: Split, tune_fn: TunePhase) -> dict:
+    """Run the search (`tune_fn`, the Ray workers' `RayTune`) and write its record, results.json's `tune`."""
+    ctx.log.event("tune", "started", f"alpha/beta search ({ctx.spec.tune.mode}) on the validation split")
+    record = tune_fn(TuneRequest(ctx.spec, ctx.out, train, base_method(ctx), igat_config(ctx.spec), ctx.log))
+    write_json_atomic(ctx.out / TUNE_FILE, record)
+    return record
+
+
+def tune_record(out: Path) -> dict | None:
+    """The search's record (tune.json), when a search ran."""
+    return read_json(out / TUNE_FILE)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def test_examples(spec: ExperimentSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `eval.n_examples` equidistant test examples every model is evaluated on."""
+    test = load_dataset(spec.dataset.name, "test")
+    idx = equidistant_indices(len(test.labels), spec.eval.n_examples)
+    return test.images[idx], test.labels[idx]
+
+
+def evaluate(ctx: RunContext, models: list[str]) -> dict:
+    """Every model under every combiner and attack of `spec.eval`, plus the diagnostics; writes evaluation.json."""
+    ctx.log.event("evaluate", "started", "evaluating on the test split")
+    images, labels = test_examples(ctx.spec)
+    config = EvalConfig.from_spec(ctx.spec.eval, ctx.spec.seed)
+    evaluations = {}
+    for model in models:
+        ctx.log.event("evaluate", "model", f"evaluating {model}", model=model)
+        evaluations[model] = evaluate_ensemble(load_ensemble(ctx.out / model_checkpoint(model)), images, labels,
+                                               config, device=ctx.device, progress=ctx.progress,
+                                               desc=f"evaluate {model}", state_dir=ctx.out / EVAL_STATE_DIR)
+    record = evaluation_record(evaluations, config, len(labels))
+    record["diagnostics"] = diagnostics(ctx, [m for m in DIAGNOSED_MODELS if m in models], images, labels)
+    write_json_atomic(ctx.out / EVALUATION_FILE, record)
+    return record
+
+
+def diagnostics(ctx: RunContext, models: list[str], images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Supplement Tables 4-8 and the curvature of `models`, on `diagnostics_examples` of the evaluated examples."""
+    from igat_core.theory.diagnostics import ensemble_diagnostics
+
+    e = ctx.spec.eval
+    if e.diagnostics_examples == 0:
+        return {}
+    idx = equidistant_indices(len(labels), min(e.diagnostics_examples, len(labels)))
+    found = {}
+    for model in models:
+        ctx.log.event("evaluate", "diagnostics", f"supplement Tables 4-8 for {model}")
+        found[model] = ensemble_diagnostics(load_ensemble(ctx.out / model_checkpoint(model)), images[idx], labels[idx],
+                                            combiner="average", eps=e.eps, step=e.step, steps=e.steps,
+                                            device=ctx.device, seed=ctx.spec.seed)
+    return found
+
+
+def run_results(spec: ExperimentSpec, out: Path, device: torch.device) -> dict:
+    """results.json of the run in `out`, from its evaluation.json, state.json and tune.json."""
+    evaluation = read_json(out / EVALUATION_FILE)
+    if evaluation is None:
+        raise RuntimeError(f"{out / EVALUATION_FILE} is missing: the evaluate phase has not finished")
+    return results_record(evaluation, name=spec.name, spec=spec.model_dump(mode="json"), eps=spec.eval.eps,
+                          timing=RunState(out / STATE_FILE).timing(), tune=tune_record(out), device=device,
+                          artifacts={f"{m}_checkpoint": model_checkpoint(m) for m in evaluation["accuracy"]})
+
+
+# ----------------------------------------------------------------------------------------------- the run
 
 
 class Runner:
@@ -97,226 +316,74 @@ class Runner:
     def __init__(self, spec: ExperimentSpec, out: str | Path, *, progress: bool = True, fit_fn: FitFn = local_fit,
                  tune_fn: TunePhase | None = None):
         self.spec = spec
-        self.out = Path(out)
-        self.progress = progress
-        self.fit_fn = fit_fn
+        self.context = RunContext(spec, Path(out), resolve_device(spec.resources.device), fit_fn, progress)
+        self.state = RunState(self.context.out / STATE_FILE)
         self.tune_fn = tune_fn
-        self.device = resolve_device(spec.resources.device)
-        self.log = RunLog(self.out)
-        self.state_path = self.out / STATE_FILE
 
-    # -- state ---------------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {"phases": {}}
+    @property
+    def out(self) -> Path:
+        return self.context.out
 
-    def _finish_phase(self, phase: str, seconds: float, **extra: object) -> None:
-        state = self._state()
-        state["phases"][phase] = {"done": True, "seconds": seconds, **extra}
-        write_json_atomic(self.state_path, state)
-        self.log.event(phase, "finished", f"{phase} finished in {seconds:.1f}s")
-
-    def _done(self, phase: str) -> bool:
-        return self._state()["phases"].get(phase, {}).get("done", False)
-
-    # -- phases --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.spec.tune.enabled and self.tune_fn is None:
+            raise ValueError("tune.enabled: the alpha/beta search runs on Ray Tune; submit the spec to the service "
+                             "(igat submit) or run `python -m workers.runner SPEC.yaml`, or set tune.enabled: false")
         with torch_threads(self.spec.resources.threads):
             return self._run_phases()
 
     def _run_phases(self) -> dict:
-        if self.spec.tune.enabled and self.tune_fn is None:
-            raise ValueError("tune.enabled: the alpha/beta search runs on Ray Tune; submit the spec to the service "
-                             "(igat submit) or run `python -m workers.runner SPEC.yaml`, or set tune.enabled: false")
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._check_same_spec()
-        self.log.event("run", "started", f"run {self.spec.name} on {self.device}")
+        ctx = self.context
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        check_same_spec(self.spec, ctx.out)
+        ctx.log.event("run", "started", f"run {self.spec.name} on {ctx.device}")
         torch.manual_seed(self.spec.seed)
         d = self.spec.dataset
         train = load_dataset(d.name, "train", val_fraction=d.val_fraction, seed=self.spec.seed,
                              train_limit=d.train_limit)
-        if not self._done("pretrain"):
-            self._pretrain(train)
-        if self.spec.tune.enabled and not self._done("tune"):
-            self._tune(train)
-        for model in self.fine_tuned_models():
-            if not self._done(model):
-                self._fine_tune(model, train)
-        if not self._done("evaluate"):
-            self._evaluate()
-        results = self._results()
+        self._phase("pretrain", lambda: pretrain(ctx, train), record=dict)
+        if self.spec.tune.enabled:
+            self._phase("tune", lambda: tune(ctx, train, self.tune_fn), record=chosen_pair)
+        config = igat_config(self.spec, (tune_record(ctx.out) or {}).get("chosen"))
+        for model in fine_tuned_models(self.spec):
+            self._phase(model, lambda m=model: fine_tune(ctx, m, train, fine_tune_objective(m, base_method(ctx),
+                                                                                          config)))
+        self._phase("evaluate", lambda: evaluate(ctx, trained_models(self.spec)))
+        return self._write_results()
+
+    def _phase(self, phase: str, body: Callable[[], Any], record: Callable[[Any], dict] | None = None) -> None:
+        """Run `body` unless state.json marks `phase` done; then mark it done, with its seconds and `record` of
+        what it returned."""
+        if self.state.done(phase):
+            return
+        started = time.perf_counter()
+        made = body()
+        seconds = time.perf_counter() - started
+        self.state.finish(phase, seconds, **(record(made) if record else {}))
+        self.context.log.event(phase, "finished", f"{phase} finished in {seconds:.1f}s")
+
+    def _write_results(self) -> dict:
+        results = run_results(self.spec, self.out, self.context.device)
         write_json_atomic(self.out / RESULTS_FILE, results)
         write_report(results, self.out)
-        self.log.event("run", "finished", "results.json and report.md written")
+        self.context.log.event("run", "finished", "results.json and report.md written")
         return results
 
-    def _check_same_spec(self) -> None:
-        spec_path = self.out / SPEC_FILE
-        text = dump_spec(self.spec)
-        if spec_path.exists() and load_spec(spec_path) != self.spec:
-            raise RuntimeError(f"{self.out} holds a run of a different spec; use another --out directory")
-        if not spec_path.exists():
-            spec_path.write_text(text)
 
-    def _fit(self, phase: str, ensemble: Ensemble, objective, train: Split, optim: OptimSpec, seed_offset: int,
-             checkpoint_name: str) -> float:
-        ckpt_dir = checkpoint_dir(self.out, checkpoint_name)
-        config = train_config(optim, self.spec, seed_offset)
-        resumed_epoch = last_checkpoint_epoch(ckpt_dir)
-        self.log.drop_metrics_after(phase, resumed_epoch)
-        self.log.event(phase, "started", f"{phase}: epochs {resumed_epoch + 1}..{optim.epochs}",
-                       resumed_from_epoch=resumed_epoch)
-        started = time.perf_counter()
-        self.fit_fn(FitRequest(phase, ensemble, objective, train, config, ckpt_dir, self.device,
-                               lambda m, _: self.log.metrics(m), self.progress))
-        state = objective.state_dict() if isinstance(objective, MethodHooks) else {}
-        ensemble.cpu().save(self.out / model_checkpoint(checkpoint_name), MethodState(self.spec.base.method, state))
-        return time.perf_counter() - started
-
-    def _pretrain(self, train: Split) -> None:
-        base = self.spec.base
-        if base.checkpoint:
-            self.log.event("pretrain", "started", f"loading pretrained ensemble {base.checkpoint}")
-            started = time.perf_counter()
-            ensemble, stored = self._load_pretrained(base.checkpoint)
-            ensemble.save(self.out / BASE_CHECKPOINT, stored)
-            self._finish_phase("pretrain", time.perf_counter() - started, loaded=base.checkpoint)
-            return
-        method = build_method(base.method, base_method_params(self.spec))
-        torch.manual_seed(self.spec.seed)
-        ensemble = Ensemble(method.configure_model(model_config(self.spec)), self.spec.ensemble.members,
-                            self.spec.ensemble.combiner)
-        seconds = self._fit("pretrain", ensemble, method, train, base.train, seed_offset=0, checkpoint_name="base")
-        self._finish_phase("pretrain", seconds)
-
-    def _load_pretrained(self, path: str) -> tuple[Ensemble, MethodState | None]:
-        """The ensemble of `base.checkpoint` and the method state saved with it (an igat checkpoint's)."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(payload, dict) and "format" in payload:
-            return load_ensemble(path, self.spec.ensemble.combiner), method_state(payload)
-        return import_dverge_checkpoint(path, model_config(self.spec), self.spec.ensemble.combiner), None
-
-    def fine_tuned_models(self) -> list[str]:
-        """The models fine-tuned from the base, in the order they train: iGAT, then the spec's controls."""
-        if not self.spec.igat.enabled:
-            return []
-        return ["igat", *(c for c in CONTROLS if c in self.spec.controls)]
-
-    def trained_models(self) -> list[str]:
-        """Every model of this run in results.json's order: base, the controls, iGAT."""
-        return [m for m in MODELS if m == "base" or m in self.fine_tuned_models()]
-
-    def base_method(self) -> BaseMethod:
-        """The base method with the state it trained the base ensemble with (CLDL's label-confusion model)."""
-        method = build_method(self.spec.base.method, base_method_params(self.spec))
-        payload = torch.load(self.out / BASE_CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
-        stored = method_state(payload) or _legacy_method_state(self.out, method.name)
-        if stored is not None and stored.name == method.name:
-            method.load_state_dict(stored.state)
-        elif method.has_state:
-            found = f"state of {stored.name!r}" if stored else "no method state"
-            self.log.event("pretrain", "warning", f"the base checkpoint holds {found}: {method.name}'s own state "
-                           "(e.g. CLDL's label-confusion model) starts untrained in the fine-tunes")
-        return method
-
-    def fine_tune_objective(self, model: str) -> FineTuning:
-        method, config = self.base_method(), self.tuned_igat_config()
-        return IgatObjective(method, config) if model == "igat" else control_objective(model, method, config)
-
-    def _fine_tune(self, model: str, train: Split) -> None:
-        ensemble = load_ensemble(self.out / BASE_CHECKPOINT, self.spec.ensemble.combiner)
-        seconds = self._fit(model, ensemble, self.fine_tune_objective(model), train, self.spec.igat.train,
-                            seed_offset=1, checkpoint_name=model)
-        self._finish_phase(model, seconds)
-
-    def _tune(self, train: Split) -> None:
-        assert self.tune_fn is not None
-        self.log.event("tune", "started", f"alpha/beta search ({self.spec.tune.mode}) on the validation split")
-        started = time.perf_counter()
-        record = self.tune_fn(self, train)
-        write_json_atomic(self.out / TUNE_FILE, record)
-        chosen = record["chosen"]
-        self._finish_phase("tune", time.perf_counter() - started, alpha=chosen["alpha"], beta=chosen["beta"])
-
-    def tuned_igat_config(self) -> IgatConfig:
-        """igat_config(spec), with the pair chosen by the search when one ran."""
-        config = igat_config(self.spec)
-        tuned = self._state()["phases"].get("tune", {})
-        if tuned.get("done"):
-            config = replace(config, alpha=float(tuned["alpha"]), beta=float(tuned["beta"]))
-        return config
-
-    def _evaluate(self) -> None:
-        self.log.event("evaluate", "started", "evaluating on the test split")
-        started = time.perf_counter()
-        test = load_dataset(self.spec.dataset.name, "test")
-        idx = equidistant_indices(len(test.labels), self.spec.eval.n_examples)
-        images, labels = test.images[idx], test.labels[idx]
-        config = EvalConfig.from_spec(self.spec.eval, self.spec.seed)
-        evaluation = {}
-        for model in self.trained_models():
-            self.log.event("evaluate", "model", f"evaluating {model}", model=model)
-            ensemble = load_ensemble(self.out / model_checkpoint(model))
-            evaluation[model] = evaluate_ensemble(ensemble, images, labels, config, device=self.device,
-                                                  progress=self.progress, desc=f"evaluate {model}",
-                                                  state_dir=self.out / EVAL_STATE_DIR)
-        record = evaluation_record(evaluation, config, len(labels))
-        record["diagnostics"] = self._diagnostics(images, labels)
-        write_json_atomic(self.out / EVALUATION_FILE, record)
-        self._finish_phase("evaluate", time.perf_counter() - started)
-
-    def _diagnostics(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        """Supplement Tables 4-8 and the curvature of every trained ensemble, on `diagnostics_examples` of the
-        evaluated examples."""
-        from igat_core.theory.diagnostics import ensemble_diagnostics
-
-        e = self.spec.eval
-        if e.diagnostics_examples == 0:
-            return {}
-        idx = equidistant_indices(len(labels), min(e.diagnostics_examples, len(labels)))
-        diagnostics = {}
-        for model in (m for m in ("base", "igat") if m in self.trained_models()):
-            self.log.event("evaluate", "diagnostics", f"supplement Tables 4-8 for {model}")
-            diagnostics[model] = ensemble_diagnostics(load_ensemble(self.out / model_checkpoint(model)),
-                                                      images[idx], labels[idx], combiner="average", eps=e.eps,
-                                                      step=e.step, steps=e.steps, device=self.device,
-                                                      seed=self.spec.seed)
-        return diagnostics
-
-    def _results(self) -> dict:
-        state = self._state()
-        evaluation_file = json.loads((self.out / EVALUATION_FILE).read_text())
-        accuracy = evaluation_file["accuracy"]
-        evaluation: dict = {"eps": self.spec.eval.eps, "n_examples": evaluation_file["n_examples"], **accuracy}
-        if evaluation_file.get("eps_sweep"):
-            evaluation["eps_sweep"] = evaluation_file["eps_sweep"]
-        references = [m for m in accuracy if m != "igat"] if "igat" in accuracy else []
-        improvement_over = {m: relative_improvement(accuracy[m], accuracy["igat"]) for m in references}
-        artifacts = {f"{model}_checkpoint": model_checkpoint(model) for model in accuracy}
-        return {
-            "name": self.spec.name,
-            "spec": self.spec.model_dump(mode="json"),
-            "evaluation": evaluation,
-            "improvement": improvement_over.get("base", {}),
-            "improvement_over": improvement_over,
-            "gain_points": {m: point_differences(accuracy[m], accuracy["igat"]) for m in references},
-            "attack_cost": evaluation_file.get("cost", {}),
-            "diagnostics": evaluation_file.get("diagnostics", {}),
-            "sanity": evaluation_file["sanity"],
-            "timing": {phase: info["seconds"] for phase, info in state["phases"].items()},
-            "tune": json.loads((self.out / TUNE_FILE).read_text()) if (self.out / TUNE_FILE).exists() else None,
-            "artifacts": artifacts,
-            "device": str(self.device),
-            "torch": torch.__version__,
-            "runtime": runtime_record(self.device),
-        }
+def chosen_pair(record: dict) -> dict[str, float]:
+    """The (alpha, beta) a search record chose."""
+    return {"alpha": record["chosen"]["alpha"], "beta": record["chosen"]["beta"]}
 
 
-def _legacy_method_state(out: Path, name: str) -> MethodState | None:
-    """Runs made before base checkpoints carried their method state keep it in checkpoints/base/last.pt."""
-    last = load_last_checkpoint(checkpoint_dir(out, "base"))
-    return MethodState(name, last["method"]) if last is not None and last.get("method") else None
+def check_same_spec(spec: ExperimentSpec, out: Path) -> None:
+    """Write spec.yaml into a new run directory; refuse one that holds a run of a different spec."""
+    spec_path = out / SPEC_FILE
+    if spec_path.exists() and load_spec(spec_path) != spec:
+        raise RuntimeError(f"{out} holds a run of a different spec; use another --out directory")
+    if not spec_path.exists():
+        spec_path.write_text(dump_spec(spec))
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, progress: bool = True, fit_fn: FitFn = local_fit,
                    tune_fn: TunePhase | None = None) -> dict:
     return Runner(spec, out, progress=progress, fit_fn=fit_fn, tune_fn=tune_fn).run()
+

@@ -11,7 +11,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 DatasetName = Literal["digits", "mnist5k", "cifar10", "cifar100", "synthetic"]
 Architecture = Literal["resnet20", "small_cnn", "mlp"]
@@ -20,8 +21,7 @@ BaseMethodName = Literal["plain", "pgd_at", "adp", "gal", "dverge", "trs", "soe"
 DistributionRule = Literal["soft", "hard", "random", "opposite"]
 RegularizerForm = Literal["paper", "per_member"]
 AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
-SweepAttackName = Literal["pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
-BnMode = Literal["eval", "train"]
+ModelMode = Literal["eval", "train"]
 ControlName = Literal["continued", "global_at"]
 
 # The `base.params` names each method's constructor takes (igat_core.defenses; test_defenses keeps the two equal),
@@ -135,7 +135,9 @@ class IgatSpec(_Strict):
     global_loss_mean: Literal["member", "batch"] = Field(
         "member", description="alpha-term: mean over each member's examples (eq. 16) or summed / batch (official code)"
     )
-    bn_mode: BnMode = "eval"
+    model_mode: ModelMode = Field("eval", validation_alias=AliasChoices("model_mode", "bn_mode"),
+                                  description="members' BatchNorm/dropout mode during the global PGD (train: the "
+                                  "official code's, running statistics updated); bn_mode is its former name")
     attack: AttackSpec = Field(default_factory=AttackSpec)
     train: OptimSpec = Field(
         default_factory=lambda: OptimSpec(epochs=20, batch_size=512, lr=0.01, milestones=[10], gamma=0.2)
@@ -161,7 +163,7 @@ class EvalSpec(_Strict):
     eps_sweep: bool = Field(False, description="also evaluate eps_sweep_attack at every eps of eps_sweep_values")
     eps_sweep_values: list[Perturbation] = Field(default_factory=lambda: [k / 255 for k in (2, 4, 6, 8, 10)],
                                                  min_length=1, max_length=64)
-    eps_sweep_attack: SweepAttackName = "autoattack"
+    eps_sweep_attack: AttackName = Field("autoattack", description="any attack but natural")
     sanity_pgd_steps: int = Field(100, ge=1, le=10_000, description="the strong PGD of the convergence check")
     sanity_pgd_restarts: int = Field(5, ge=1, le=100)
     sanity_examples: int = Field(500, ge=0, le=1_000_000,
@@ -169,6 +171,13 @@ class EvalSpec(_Strict):
     diagnostics_examples: int = Field(200, ge=0, le=1_000_000,
                                       description="examples for the supplement's Tables 4-8 and the curvature, "
                                       "measured on global adversarial examples at eps (0 skips them)")
+
+    @field_validator("eps_sweep_attack")
+    @classmethod
+    def _sweep_attack(cls, name: str) -> str:
+        if name == "natural":
+            raise ValueError("the eps sweep needs an attack, not 'natural'")
+        return name
 
     @model_validator(mode="after")
     def _non_empty(self) -> EvalSpec:

@@ -16,8 +16,8 @@ from igat_core.data import Split
 from igat_core.defenses import CLDL, GAL, Plain
 from igat_core.ensemble import Ensemble, load_ensemble, method_state
 from igat_core.igat import (FineTuning, GlobalAdversarialTraining, IgatConfig, IgatObjective, control_objective,
-                            ensemble_adversarial_loss)
-from igat_core.runner import BASE_CHECKPOINT, IGAT_CHECKPOINT, Runner
+                            ensemble_adversarial_loss, fine_tune_objective)
+from igat_core.runner import BASE_CHECKPOINT, IGAT_CHECKPOINT, Runner, base_method, igat_config
 from igat_core.spec import parse_spec
 from igat_core.train import TrainConfig, batch_indices, epoch_seed, fit
 from tests.conftest import digits_config
@@ -193,6 +193,7 @@ def test_a_cldl_run_from_base_checkpoint_fine_tunes_with_the_trained_label_confu
     runner = Runner(parse_spec(tiny_cldl_spec(checkpoint=str(shared))), tmp_path / "loaded", progress=False)
     runner.run()
     for model in ("igat", "continued"):
-        assert torch.equal(label_confusion_weights(runner.fine_tune_objective(model).state_dict()), trained)
+        objective = fine_tune_objective(model, base_method(runner.context), igat_config(runner.spec))
+        assert torch.equal(label_confusion_weights(objective.state_dict()), trained)
     assert not torch.equal(stored_label_confusion_weights(tmp_path / "loaded" / IGAT_CHECKPOINT), trained)
     assert torch.equal(stored_label_confusion_weights(shared), trained)

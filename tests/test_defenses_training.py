@@ -13,7 +13,7 @@ from igat_core.data import Split, load_dataset
 from igat_core.defenses import CLDL, build_method
 from igat_core.ensemble import Ensemble, load_ensemble
 from igat_core.igat import IgatConfig, IgatObjective
-from igat_core.runner import IGAT_CHECKPOINT, Runner
+from igat_core.runner import IGAT_CHECKPOINT, RunContext, base_method, fine_tune, igat_config, pretrain
 from igat_core.spec import parse_spec
 from igat_core.train import LAST_CHECKPOINT, TrainConfig, fit
 from tests.conftest import digits_config
@@ -77,10 +77,10 @@ def test_runner_carries_the_method_from_pretraining_into_igat(name, tmp_path):
                  "train": {"epochs": 1, "batch_size": 64, "lr": 1e-9}},
         "resources": {"device": "cpu"},
     })
-    runner = Runner(spec, tmp_path, progress=False)
+    ctx = RunContext(spec, tmp_path, torch.device("cpu"), progress=False)
     train = load_dataset("digits", "train", train_limit=128)
-    runner._pretrain(train)
-    runner._fine_tune("igat", train)
+    pretrain(ctx, train)
+    fine_tune(ctx, "igat", train, IgatObjective(base_method(ctx), igat_config(spec)))
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["pretrain", "igat"]
     if name == "soe":

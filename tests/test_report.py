@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from igat_core.report import (SWEEP_PLOT, accuracy_table, comparison_text, extra_table, improvement_table,
                               render_report, sweep_table, write_report)
-from igat_core.runner import Runner
+from igat_core.runner import run_results
 from igat_core.spec import parse_spec
 
 ACC = {"natural": 90.0, "pgd": 40.0, "cw": 39.0, "signhunter": 55.0, "autoattack": 35.0, "simba": 70.0,
@@ -99,7 +101,7 @@ def test_runner_results_carry_sweep_cost_and_sanity_into_the_report(tmp_path):
               "eps_sweep": run["evaluation"]["eps_sweep"]}
     (tmp_path / "evaluation.json").write_text(json.dumps(record))
     (tmp_path / "state.json").write_text(json.dumps({"phases": {"evaluate": {"done": True, "seconds": 3.0}}}))
-    out = Runner(spec, tmp_path, progress=False)._results()
+    out = run_results(spec, tmp_path, torch.device("cpu"))
     assert out["evaluation"]["eps_sweep"]["attack"] == "autoattack"
     assert out["evaluation"]["igat"]["max"]["autoattack"] == 40.0
     assert out["improvement"]["average"]["pgd"] == (41.0 - 40.0) / 40.0 * 100
@@ -108,5 +110,5 @@ def test_runner_results_carry_sweep_cost_and_sanity_into_the_report(tmp_path):
     assert (tmp_path / SWEEP_PLOT).is_file()
     del record["eps_sweep"], record["cost"]
     (tmp_path / "evaluation.json").write_text(json.dumps(record))
-    older = Runner(spec, tmp_path, progress=False)._results()
+    older = run_results(spec, tmp_path, torch.device("cpu"))
     assert "eps_sweep" not in older["evaluation"] and older["attack_cost"] == {}

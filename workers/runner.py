@@ -34,9 +34,10 @@ import torch
 from igat_core.data import Split, equidistant_indices, load_dataset
 from igat_core.ensemble import Ensemble, ensemble_from_checkpoint, load_ensemble
 from igat_core.igat import IgatConfig, IgatObjective
-from igat_core.runner import BASE_CHECKPOINT, RunLog, Runner, train_config
+from igat_core.rundir import SCORE_FILE, RunLog, checkpoint_dir, write_json_atomic
+from igat_core.runner import Runner, TuneRequest, train_config
 from igat_core.runtime import torch_threads
-from igat_core.spec import ExperimentSpec, SpecError, load_spec
+from igat_core.spec import ExperimentSpec, SpecError, TuneSpec, load_spec
 from igat_core.train import FitRequest, TrainConfig, last_checkpoint_epoch
 from workers.ray_train import RayScaling, RayTrainFit
 
@@ -94,7 +95,7 @@ def trial_phase(alpha: float, beta: float) -> str:
 
 
 def trial_checkpoint_dir(run_dir: Path, alpha: float, beta: float) -> Path:
-    return run_dir / "checkpoints" / "tune" / trial_key(alpha, beta)
+    return checkpoint_dir(run_dir, f"tune/{trial_key(alpha, beta)}")
 
 
 @dataclass
@@ -119,7 +120,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     alpha, beta = float(config["alpha"]), float(config["beta"])
     phase = trial_phase(alpha, beta)
     trial_dir = trial_checkpoint_dir(context.run_dir, alpha, beta)
-    score_file = trial_dir / "score.json"
+    score_file = trial_dir / SCORE_FILE
     if score_file.exists():  # finished by an earlier launch of the runner
         tune.report(json.loads(score_file.read_text()))
         return
@@ -132,9 +133,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     with torch_threads(context.scaling.threads):
         final = context.scorer(ensemble, torch.device("cpu"))
     score = {**final, "epochs": last_checkpoint_epoch(trial_dir)}
-    tmp = score_file.with_name("score.json.tmp")
-    tmp.write_text(json.dumps(score))
-    os.replace(tmp, score_file)
+    write_json_atomic(score_file, score)
     tune.report(score)
 
 
@@ -147,84 +146,114 @@ def max_concurrent_trials(scaling: RayScaling, cluster: dict[str, float], trials
     return max(1, min(fits, trials))
 
 
-def tune_phase(runner: Runner, train: Split) -> dict:
-    """The alpha/beta search (`TunePhase` of igat_core's Runner); returns results.json's `tune` record."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+@dataclass(frozen=True)
+class RayTune:
+    """The alpha/beta search on Ray Tune (igat_core.runner's `TunePhase`); returns results.json's `tune` record."""
 
-    spec, t = runner.spec, runner.spec.tune
-    fit_fn = runner.fit_fn
-    assert isinstance(fit_fn, RayTrainFit)
-    d = spec.dataset
+    scaling: RayScaling
+
+    def __call__(self, request: TuneRequest) -> dict:
+        import ray
+
+        spec, t = request.spec, request.spec.tune
+        context = trial_context(request, self.scaling)
+        space, trials = search_space(t)
+        concurrent = max_concurrent_trials(self.scaling, ray.cluster_resources(), trials)
+        request.log.event("tune", "message", f"{trials} trial(s), {concurrent} at a time, scored by PGD accuracy on "
+                          f"{len(context.scorer.labels)} validation examples", trials=trials, concurrent=concurrent)
+        grid = self._tuner(context, space, concurrent, spec).fit()
+        records = [trial_record(result, context) for result in grid]
+        best = best_trial(records)
+        log_trials(request.log, records, best)
+        return {
+            "mode": t.mode,
+            "metric": VAL_METRIC,
+            "split": "val",
+            "val_examples": len(context.scorer.labels),
+            "pgd": {"eps": spec.eval.eps, "step": spec.eval.step, "steps": t.pgd_steps},
+            "trials": sorted(records, key=lambda r: (r["alpha"], r["beta"])),
+            "chosen": {"alpha": best["alpha"], "beta": best["beta"], VAL_METRIC: best[VAL_METRIC]},
+        }
+
+    def _tuner(self, context: TrialContext, space: dict, concurrent: int, spec: ExperimentSpec):
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        t, epochs = spec.tune, context.config.epochs
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                                  grace_period=min(t.grace_period, epochs),
+                                  reduction_factor=t.reduction_factor) if t.mode == "asha" else None
+        return tune.Tuner(
+            tune.with_parameters(run_trial, context=context),
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=VAL_METRIC, mode="max", num_samples=t.num_samples, scheduler=scheduler,
+                                        search_alg=BasicVariantGenerator(max_concurrent=concurrent,
+                                                                         random_state=spec.seed)),
+            run_config=tune.RunConfig(name=f"{self.scaling.name_prefix}-tune",
+                                      storage_path=str(self.scaling.storage_path.resolve()), verbose=0),
+        )
+
+
+def val_scorer(spec: ExperimentSpec) -> ValScorer:
+    """The trials' score: PGD accuracy on `tune.val_examples` equidistant examples of the validation split."""
+    d, t = spec.dataset, spec.tune
     val = load_dataset(d.name, "val", val_fraction=d.val_fraction, seed=spec.seed)
     if len(val.labels) == 0:
         raise ValueError("tune.enabled needs a validation split: set dataset.val_fraction > 0")
     idx = equidistant_indices(len(val.labels), t.val_examples)
-    scorer = ValScorer(val.images[idx], val.labels[idx], spec.ensemble.combiner, spec.eval.eps, spec.eval.step,
-                       t.pgd_steps, spec.seed)
-    method = runner.base_method()
+    return ValScorer(val.images[idx], val.labels[idx], spec.ensemble.combiner, spec.eval.eps, spec.eval.step,
+                     t.pgd_steps, spec.seed)
+
+
+def trial_context(request: TuneRequest, scaling: RayScaling) -> TrialContext:
+    """What every trial reads: the base ensemble, the base method with its state, the iGAT settings, the budget."""
+    spec, t = request.spec, request.spec.tune
     optim = spec.igat.train if t.epochs is None else spec.igat.train.model_copy(update={"epochs": t.epochs})
-    base = load_ensemble(runner.out / BASE_CHECKPOINT, spec.ensemble.combiner)
-    context = TrialContext(runner.out.resolve(), base.checkpoint_payload(), method, runner.tuned_igat_config(),
-                           train, train_config(optim, spec, seed_offset=1), fit_fn.scaling, scorer)
+    base = load_ensemble(request.base_checkpoint, spec.ensemble.combiner)
+    return TrialContext(request.out.resolve(), base.checkpoint_payload(), request.method, request.igat, request.train,
+                        train_config(optim, spec, seed_offset=1), scaling, val_scorer(spec))
+
+
+def search_space(t: TuneSpec) -> tuple[dict, int]:
+    """Tune's parameter space for `tune.mode`, and how many trials it makes."""
+    from ray import tune
 
     if t.mode == "grid":
         space = {"alpha": tune.grid_search(list(t.alphas)), "beta": tune.grid_search(list(t.betas))}
-        trials = len(t.alphas) * len(t.betas) * t.num_samples
-    else:
-        space = {"alpha": tune.uniform(min(t.alphas), max(t.alphas)), "beta": tune.uniform(min(t.betas), max(t.betas))}
-        trials = t.num_samples
-    scheduler = None
-    if t.mode == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=optim.epochs,
-                                  grace_period=min(t.grace_period, optim.epochs), reduction_factor=t.reduction_factor)
-    concurrent = max_concurrent_trials(fit_fn.scaling, ray.cluster_resources(), trials)
-    runner.log.event("tune", "message", f"{trials} trial(s), {concurrent} at a time, scored by PGD accuracy on "
-                     f"{len(idx)} validation examples", trials=trials, concurrent=concurrent)
-    tuner = tune.Tuner(
-        tune.with_parameters(run_trial, context=context),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric=VAL_METRIC, mode="max", num_samples=t.num_samples, scheduler=scheduler,
-                                    search_alg=BasicVariantGenerator(max_concurrent=concurrent,
-                                                                     random_state=spec.seed)),
-        run_config=tune.RunConfig(name=f"{fit_fn.scaling.name_prefix}-tune",
-                                  storage_path=str(fit_fn.scaling.storage_path.resolve()), verbose=0),
-    )
-    grid = tuner.fit()
-    records = []
-    for result in grid:
-        alpha, beta = float(result.config["alpha"]), float(result.config["beta"])
-        metrics = result.metrics or {}
-        score = metrics.get(VAL_METRIC)
-        epochs = int(metrics.get("epochs", metrics.get("epoch", 0)) or 0)
-        status = "error" if result.error else ("completed" if epochs >= optim.epochs else "stopped early")
-        records.append({"alpha": alpha, "beta": beta, "phase": trial_phase(alpha, beta), VAL_METRIC: score,
-                        "val_natural": metrics.get("val_natural"), "epochs": epochs,
-                        "trained_epochs": last_checkpoint_epoch(trial_checkpoint_dir(runner.out, alpha, beta)),
-                        "status": status,
-                        **({"error": str(result.error).splitlines()[0][:500]} if result.error else {})})
+        return space, len(t.alphas) * len(t.betas) * t.num_samples
+    space = {"alpha": tune.uniform(min(t.alphas), max(t.alphas)), "beta": tune.uniform(min(t.betas), max(t.betas))}
+    return space, t.num_samples
+
+
+def trial_record(result: Any, context: TrialContext) -> dict:
+    """One trial of results.json's `tune`: its pair, score, the epochs Tune scored and trained, its status."""
+    alpha, beta = float(result.config["alpha"]), float(result.config["beta"])
+    metrics = result.metrics or {}
+    epochs = int(metrics.get("epochs", metrics.get("epoch", 0)) or 0)
+    status = "error" if result.error else ("completed" if epochs >= context.config.epochs else "stopped early")
+    return {"alpha": alpha, "beta": beta, "phase": trial_phase(alpha, beta), VAL_METRIC: metrics.get(VAL_METRIC),
+            "val_natural": metrics.get("val_natural"), "epochs": epochs,
+            "trained_epochs": last_checkpoint_epoch(trial_checkpoint_dir(context.run_dir, alpha, beta)),
+            "status": status, **({"error": str(result.error).splitlines()[0][:500]} if result.error else {})}
+
+
+def best_trial(records: list[dict]) -> dict:
+    """The trial with the highest validation PGD accuracy (natural accuracy breaks ties)."""
     scored = [r for r in records if r[VAL_METRIC] is not None]
     if not scored:
         errors = "; ".join(r.get("error", "no score") for r in records)
         raise RuntimeError(f"no alpha/beta trial finished with a score: {errors}")
-    best = max(scored, key=lambda r: (r[VAL_METRIC], r["val_natural"] or 0.0))
+    return max(scored, key=lambda r: (r[VAL_METRIC], r["val_natural"] or 0.0))
+
+
+def log_trials(log: RunLog, records: list[dict], best: dict) -> None:
     for r in records:
-        runner.log.event("tune", "trial", f"{trial_key(r['alpha'], r['beta'])}: {VAL_METRIC} "
-                         f"{r[VAL_METRIC] if r[VAL_METRIC] is None else round(r[VAL_METRIC], 2)} ({r['status']})",
-                         alpha=r["alpha"], beta=r["beta"], score=r[VAL_METRIC])
-    runner.log.event("tune", "chosen", f"chosen alpha={best['alpha']:g}, beta={best['beta']:g} "
-                     f"({VAL_METRIC} {best[VAL_METRIC]:.2f}%)", alpha=best["alpha"], beta=best["beta"])
-    return {
-        "mode": t.mode,
-        "metric": VAL_METRIC,
-        "split": "val",
-        "val_examples": len(idx),
-        "pgd": {"eps": spec.eval.eps, "step": spec.eval.step, "steps": t.pgd_steps},
-        "trials": sorted(records, key=lambda r: (r["alpha"], r["beta"])),
-        "chosen": {"alpha": best["alpha"], "beta": best["beta"], VAL_METRIC: best[VAL_METRIC]},
-    }
+        score = r[VAL_METRIC] if r[VAL_METRIC] is None else round(r[VAL_METRIC], 2)
+        log.event("tune", "trial", f"{trial_key(r['alpha'], r['beta'])}: {VAL_METRIC} {score} ({r['status']})",
+                  alpha=r["alpha"], beta=r["beta"], score=r[VAL_METRIC])
+    log.event("tune", "chosen", f"chosen alpha={best['alpha']:g}, beta={best['beta']:g} "
+              f"({VAL_METRIC} {best[VAL_METRIC]:.2f}%)", alpha=best["alpha"], beta=best["beta"])
 
 
 def check_resources(spec: ExperimentSpec, cluster: dict[str, float]) -> None:
@@ -266,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     scaling = RayScaling.from_spec(spec.resources, out / "ray", args.name_prefix or out.name)
-    runner = Runner(spec, out, progress=False, fit_fn=RayTrainFit(scaling), tune_fn=tune_phase)
+    runner = Runner(spec, out, progress=False, fit_fn=RayTrainFit(scaling), tune_fn=RayTune(scaling))
     try:
         results = runner.run()
     except (DatasetUnavailable, ValueError) as exc:

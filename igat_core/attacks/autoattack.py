@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from igat_core.attacks.base import Attack, ModelMode
+from igat_core.attacks.base import Attack, AttackSettings, ModelMode
 from igat_core.ensemble import atomic_torch_save
 
 COMPONENTS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -47,6 +47,12 @@ class AutoAttack(Attack):
     """
 
     name = "autoattack"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        return cls(model, eps, steps=settings.autoattack_steps, square_queries=settings.square_queries,
+                   seed=settings.seed, state_dir=state_dir)
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 100, square_queries: int = 5000,
                  components: Sequence[str] = COMPONENTS, seed: int = 0, state_dir: str | os.PathLike | None = None,

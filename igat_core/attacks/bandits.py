@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks.base import BlackBoxAttack, ModelMode, cross_entropy, project_linf
+from igat_core.attacks.base import Attack, AttackSettings, BlackBoxAttack, ModelMode, cross_entropy, project_linf
 
 
 class Bandits(BlackBoxAttack):
@@ -24,6 +26,11 @@ class Bandits(BlackBoxAttack):
     """
 
     name = "bandits"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        return cls(model, eps, queries=settings.bandits_queries, generator=generator)
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, queries: int = 10_000, image_lr: float | None = None,
                  fd_eta: float = 0.01, online_lr: float = 0.1, exploration: float = 0.1,

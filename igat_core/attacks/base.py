@@ -13,9 +13,10 @@ returned before that projection, for the evaluation's sanity checks: a forward t
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,21 @@ class OutputBounds:
         return self.low >= 0.0 and self.high <= 1.0
 
 
+class AttackSettings(Protocol):
+    """The evaluation settings an attack takes its budget from (`evaluate.EvalConfig`)."""
+
+    step: float
+    steps: int
+    seed: int
+    cw_kappa: float
+    mim_decay: float
+    signhunter_queries: int
+    simba_queries: int
+    bandits_queries: int
+    autoattack_steps: int
+    square_queries: int
+
+
 class Attack(ABC):
     name: str = "attack"
     white_box: bool = True
@@ -93,6 +109,12 @@ class Attack(ABC):
         self.model_mode = model_mode
         self.cost: torch.Tensor | None = None
         self.raw_bounds: OutputBounds | None = None
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        """This attack at `eps` with the evaluation's budget for it (`evaluate` runs it by `name`)."""
+        raise NotImplementedError(f"{cls.name} is not one of the evaluation's attacks")
 
     @abstractmethod
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

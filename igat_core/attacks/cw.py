@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from igat_core.attacks.base import ModelMode, margin_loss
+from igat_core.attacks.base import Attack, AttackSettings, ModelMode, margin_loss
 from igat_core.attacks.pgd import PGD
 
 
@@ -18,6 +20,11 @@ class CWLinf(PGD):
     """
 
     name = "cw"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        return cls(model, eps, settings.step, settings.steps, kappa=settings.cw_kappa, generator=generator)
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20,
                  kappa: float = 50.0, random_start: bool = True, restarts: int = 1, model_mode: ModelMode = "eval",

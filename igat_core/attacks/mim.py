@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks.base import Attack, ModelMode, project_linf
+from igat_core.attacks.base import Attack, AttackSettings, ModelMode, project_linf
 
 
 class MIM(Attack):
@@ -17,6 +19,11 @@ class MIM(Attack):
     """
 
     name = "mim"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        return cls(model, eps, settings.step, settings.steps, decay=settings.mim_decay)
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20,
                  decay: float = 1.0, model_mode: ModelMode = "eval"):

@@ -5,11 +5,13 @@ The model may return logits or log-probabilities (an ensemble's combined output)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks.base import Attack, ModelMode, project_linf
+from igat_core.attacks.base import Attack, AttackSettings, ModelMode, project_linf
 
 
 class PGD(Attack):
@@ -19,6 +21,11 @@ class PGD(Attack):
     """
 
     name = "pgd"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        return cls(model, eps, settings.step, settings.steps, random_start=True, generator=generator)
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20,
                  random_start: bool = True, restarts: int = 1, model_mode: ModelMode = "eval",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import math
 from typing import Literal
 
 import torch
 from torch import nn
 
-from igat_core.attacks.base import BlackBoxAttack, ModelMode, cross_entropy, margin_loss
+from igat_core.attacks.base import Attack, AttackSettings, BlackBoxAttack, ModelMode, cross_entropy, margin_loss
 
 LOSSES = {"margin": margin_loss, "ce": cross_entropy}
 
@@ -25,6 +27,11 @@ class SignHunter(BlackBoxAttack):
     """
 
     name = "signhunter"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        return cls(model, eps, queries=settings.signhunter_queries)
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, queries: int = 500,
                  loss: Literal["margin", "ce"] = "margin", model_mode: ModelMode = "eval"):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from igat_core.attacks.base import BlackBoxAttack, ModelMode
+from igat_core.attacks.base import Attack, AttackSettings, BlackBoxAttack, ModelMode
 
 
 class SimBA(BlackBoxAttack):
@@ -18,6 +20,11 @@ class SimBA(BlackBoxAttack):
     """
 
     name = "simba"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, eps: float, settings: AttackSettings, generator: torch.Generator,
+                      state_dir: str | os.PathLike | None = None) -> Attack:
+        return cls(model, eps, queries=settings.simba_queries, generator=generator)
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, queries: int = 10_000, model_mode: ModelMode = "eval",
                  generator: torch.Generator | None = None):

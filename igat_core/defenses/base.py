@@ -54,12 +54,16 @@ class MethodHooks(Protocol):
                     finetuning: bool = False) -> None: ...
 
 
+#: iGAT's (alpha, beta) of section 6.1, which every method but SoE keeps
+PAPER_IGAT_WEIGHTS: tuple[float, float] = (5.0, 10.0)
+
+
 class BaseMethod(ABC):
     """One ensemble defense. `loss` must be differentiable w.r.t. every member's parameters."""
 
     name: str = "base"
     #: iGAT's (alpha, beta) defaults for this method (section 6.1)
-    igat_defaults: tuple[float, float] = (5.0, 10.0)
+    igat_defaults: tuple[float, float] = PAPER_IGAT_WEIGHTS
     #: spec `base.attack` field -> constructor parameter, for methods with a PGD component
     attack_params: dict[str, str] = {}
     #: whether the method owns trained state besides the members (`state_dict`), handed on with the base
