@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SPEC_FILE = "spec.yaml"
 STATE_FILE = "state.json"
@@ -31,6 +31,8 @@ ENSEMBLE_FILE = "ensemble.pt"
 LAST_CHECKPOINT = "last.pt"
 SCORE_FILE = "score.json"
 HANDLE_FILE = "executor.json"
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
 JOB_LOG = "job.log"
 
 
@@ -127,10 +129,19 @@ def artifact_files(run_dir: Path) -> list[tuple[str, int]]:
             if p.is_file() and not p.is_symlink()]
 
 
-def complete_lines(path: Path, offset: int, max_bytes: int, max_lines: int) -> tuple[list[bytes], int] | None:
-    """The complete lines of `path` from byte `offset` (at most `max_lines`), and the offset after them.
+class Lines(NamedTuple):
+    """Complete lines read from a byte offset, the offset just after them, and whether bytes may follow them
+    (`max_lines` lines were taken, or the read ended inside a line or at `max_bytes`)."""
 
-    None when the file is shorter than `offset` (it was replaced: the caller re-syncs); ([], offset) when it is
+    lines: list[bytes]
+    offset: int
+    more: bool
+
+
+def complete_lines(path: Path, offset: int, max_bytes: int, max_lines: int) -> Lines | None:
+    """The complete lines of `path` in the `max_bytes` after byte `offset` (at most `max_lines` of them).
+
+    None when the file is shorter than `offset` (it was replaced: the caller re-syncs); no lines when it is
     missing or has no new complete line."""
     try:
         with open(path, "rb") as f:
@@ -139,10 +150,13 @@ def complete_lines(path: Path, offset: int, max_bytes: int, max_lines: int) -> t
             f.seek(offset)
             chunk = f.read(max_bytes)
     except FileNotFoundError:
-        return [], offset
+        return Lines([], offset, False)
     end = chunk.rfind(b"\n")
-    lines = chunk[: end + 1].splitlines()[:max_lines] if end >= 0 else []
-    return lines, offset + sum(len(line) + 1 for line in lines)
+    if end < 0:
+        return Lines([], offset, False)
+    lines = chunk[: end + 1].splitlines()[:max_lines]
+    more = len(lines) == max_lines or end + 1 < len(chunk)
+    return Lines(lines, offset + sum(len(line) + 1 for line in lines), more)
 
 
 def offset_after_lines(path: Path, n: int) -> int | None:
@@ -160,12 +174,14 @@ def offset_after_lines(path: Path, n: int) -> int | None:
     return offset
 
 
-def metric_rows(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """metrics.jsonl as {(phase, epoch): values}; the last line of an epoch wins, malformed lines are skipped."""
+def metric_rows(path: Path) -> dict[tuple[str, int], dict[str, Any]] | None:
+    """metrics.jsonl as {(phase, epoch): values}, or None when it is missing.
+
+    Complete lines only; the last line of an epoch wins, malformed lines are skipped."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return {}
+        return None
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for line in data.split(b"\n")[:-1]:
         parsed = _metric_row(line)

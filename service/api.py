@@ -11,13 +11,14 @@ import json
 import mimetypes
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from igat_core import rundir
 from igat_core.spec import ExperimentSpec
 from service import store
 from service.auth import require_token
@@ -257,14 +258,14 @@ def get_metrics(
 def _run_dir(request: Request, experiment) -> Path:
     if experiment.run_dir:
         return Path(experiment.run_dir)
-    return Path(_settings(request).artifact_root) / experiment.id
+    return rundir.run_dir_of(_settings(request).artifact_root, experiment.id)
 
 
 @router.get(
     "/results/{experiment_id}",
     tags=["results"],
     responses={
-        200: {"description": "the experiment's results.json, as the runner wrote it"},
+        200: {"description": f"the experiment's {rundir.RESULTS_FILE}, as the runner wrote it"},
         **NOT_FOUND,
         409: {"model": ErrorOut, "description": "the experiment has not succeeded (yet)"},
     },
@@ -282,13 +283,11 @@ def get_results(experiment_id: str, request: Request) -> JSONResponse:
         else:
             detail = f"experiment {experiment_id} is {experiment.status}; results are available once it has succeeded"
         raise HTTPException(status.HTTP_409_CONFLICT, detail)
-    path = _run_dir(request, experiment) / "results.json"
-    try:
-        content: Any = json.loads(path.read_text())
-    except (OSError, ValueError):
+    content = rundir.read_results(_run_dir(request, experiment))
+    if content is None:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} succeeded but its results.json is missing"
-        ) from None
+            status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} succeeded but its {rundir.RESULTS_FILE} is missing"
+        )
     return JSONResponse(content)
 
 
@@ -301,13 +300,7 @@ def list_artifacts(experiment_id: str, request: Request) -> ArtifactList:
         recorded = store.list_artifacts(session, experiment_id)
     if recorded:
         return ArtifactList(items=[ArtifactOut.of(experiment_id, a) for a in recorded])
-    root = _run_dir(request, experiment)
-    found: list[tuple[str, int]] = []
-    if root.is_dir():
-        resolved = root.resolve()
-        for path in sorted(resolved.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                found.append((path.relative_to(resolved).as_posix(), path.stat().st_size))
+    found = rundir.artifact_files(_run_dir(request, experiment))
     return ArtifactList(items=[ArtifactOut.of(experiment_id, item) for item in found])
 
 

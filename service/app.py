@@ -15,13 +15,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from igat_core.rundir import RESULTS_FILE
 from service import store
 from service.db import make_engine, make_session_factory
 from service.settings import Settings, get_settings
 
-DESCRIPTION = """
+DESCRIPTION = f"""
 Submit ensemble adversarial-defence experiments (an `ExperimentSpec` as JSON), follow them as server-sent
-events, and fetch their `results.json`, report and checkpoints.
+events, and fetch their `{RESULTS_FILE}`, report and checkpoints.
 
 Mutating routes need `Authorization: Bearer <IGAT_API_TOKEN>`; a server without a token refuses them (503).
 """

@@ -27,6 +27,8 @@ from typing import Annotated, Any
 
 import typer
 
+from igat_core.rundir import RESULTS_FILE
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_TOKEN_FILE = Path("var") / "api-token"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -369,7 +371,7 @@ def status(
 
 def results(
     experiment_id: Annotated[str, typer.Argument(help="experiment id")],
-    out: Annotated[Path | None, typer.Option(help="write results.json here instead of printing it")] = None,
+    out: Annotated[Path | None, typer.Option(help=f"write {RESULTS_FILE} here instead of printing it")] = None,
 ) -> None:
     """Print (or save) the results.json of a succeeded experiment."""
     content = _request("GET", f"/results/{experiment_id}")

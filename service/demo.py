@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from igat_core.rundir import RESULTS_FILE, run_dir_of
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if comparisons:
             print("\n" + comparisons)
         print(f"\nigat demo: done in {time.monotonic() - started:.0f}s; results in "
-              f"{var / 'artifacts' / experiment_id / 'results.json'}")
+              f"{run_dir_of(var / 'artifacts', experiment_id) / RESULTS_FILE}")
         return 0
     except KeyboardInterrupt:
         print("igat demo: interrupted", file=sys.stderr)

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from igat_core import rundir
 from service import store
 from service.db import make_engine, make_session_factory, session_scope
 from service.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Experiment
@@ -41,10 +42,8 @@ from workers.executors import Executor, ExecutorUnavailable, ExperimentRun, Hand
 
 log = logging.getLogger("igat.dispatcher")
 
-EVENTS_FILE = "events.jsonl"
-METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
 MAX_LINES_PER_TICK = 5000
+MAX_BYTES_PER_READ = 4 * 1024 * 1024
 
 
 @dataclass
@@ -185,7 +184,7 @@ class Dispatcher:
     # ---------------------------------------------------------------------------------------- claim & start
 
     def run_dir_of(self, experiment_id: str) -> Path:
-        return self.artifact_root / experiment_id
+        return rundir.run_dir_of(self.artifact_root, experiment_id)
 
     def claim_and_start(self) -> None:
         while len(self.watched) < self.settings.max_concurrent_experiments:
@@ -259,7 +258,7 @@ class Dispatcher:
 
     def _fail(self, watched: Watched, code: int) -> None:
         if code == 0:
-            reason = f"the runner exited 0 but wrote no readable {RESULTS_FILE}"
+            reason = f"the runner exited 0 but wrote no readable {rundir.RESULTS_FILE}"
         elif code == 2:
             reason = "the runner rejected the spec (exit code 2)"
         else:
@@ -285,11 +284,7 @@ class Dispatcher:
 
     @staticmethod
     def _results_ok(run_dir: Path) -> bool:
-        try:
-            json.loads((run_dir / RESULTS_FILE).read_text())
-        except (OSError, ValueError):
-            return False
-        return True
+        return rundir.read_results(run_dir) is not None
 
     # -------------------------------------------------------------------------------------------- ingestion
 
@@ -299,30 +294,20 @@ class Dispatcher:
         self._ingest_metrics(watched)
 
     def _ingest_events(self, watched: Watched) -> None:
-        path = watched.run_dir / EVENTS_FILE
+        path = watched.run_dir / rundir.EVENTS_FILE
         for _ in range(100):  # bounded: a huge backlog is drained over several ticks
             if watched.events_offset is None:
                 self._sync_event_offset(watched, path)
                 if watched.events_offset is None:
                     return
-            try:
-                with open(path, "rb") as f:
-                    f.seek(0, os.SEEK_END)
-                    size = f.tell()
-                    if size < watched.events_offset:
-                        log.warning("%s shrank; waiting for it to grow past the stored lines", path)
-                        watched.events_offset = None
-                        return
-                    f.seek(watched.events_offset)
-                    chunk = f.read(4 * 1024 * 1024)
-            except FileNotFoundError:
+            read = rundir.complete_lines(path, watched.events_offset, MAX_BYTES_PER_READ, MAX_LINES_PER_TICK)
+            if read is None:
+                log.warning("%s shrank; waiting for it to grow past the stored lines", path)
+                watched.events_offset = None
                 return
-            end = chunk.rfind(b"\n")
-            if end < 0:
+            if not read.lines:
                 return
-            lines = chunk[: end + 1].splitlines()[:MAX_LINES_PER_TICK]
-            consumed = sum(len(line) + 1 for line in lines)
-            events = [_parse_event(line) for line in lines]
+            events = [_parse_event(line) for line in read.lines]
             with session_scope(self.sessions) as session:
                 ok = store.ingest_events(
                     session, watched.experiment_id, expected_ingested=watched.events_ingested, events=events
@@ -331,38 +316,22 @@ class Dispatcher:
                 log.warning("event counter of %s moved under us; re-reading it", watched.experiment_id)
                 watched.events_offset = None
                 continue
-            watched.events_offset += consumed
+            watched.events_offset = read.offset
             watched.events_ingested += len(events)
-            if len(lines) < MAX_LINES_PER_TICK and end + 1 == len(chunk):
+            if not read.more:
                 return
 
     def _sync_event_offset(self, watched: Watched, path: Path) -> None:
-        """Set the byte offset just after the lines the database already holds."""
+        """Set the byte offset just after the lines the database already holds (None while the file holds fewer)."""
         with session_scope(self.sessions) as session:
             stored = session.scalar(
                 select(Experiment.events_ingested).where(Experiment.id == watched.experiment_id)
             ) or 0
-        offset = 0
-        seen = 0
-        try:
-            with open(path, "rb") as f:
-                while seen < stored:
-                    line = f.readline()
-                    if not line.endswith(b"\n"):
-                        break
-                    offset += len(line)
-                    seen += 1
-        except FileNotFoundError:
-            pass
-        if seen < stored:  # the file holds fewer lines than we stored: read nothing until it grows
-            watched.events_offset = None
-            watched.events_ingested = stored
-            return
-        watched.events_offset = offset
+        watched.events_offset = rundir.offset_after_lines(path, stored)
         watched.events_ingested = stored
 
     def _ingest_metrics(self, watched: Watched) -> None:
-        path = watched.run_dir / METRICS_FILE
+        path = watched.run_dir / rundir.METRICS_FILE
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -370,15 +339,9 @@ class Dispatcher:
         signature = (stat.st_size, stat.st_mtime_ns)
         if signature == watched.metrics_signature:
             return
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        rows = rundir.metric_rows(path)
+        if rows is None:
             return
-        rows: dict[tuple[str, int], dict[str, Any]] = {}
-        for line in data.split(b"\n")[:-1]:  # complete lines only
-            parsed = _parse_metric(line)
-            if parsed is not None:
-                rows[parsed[0], parsed[1]] = parsed[2]
         changed = [(p, e, v) for (p, e), v in rows.items() if watched.metrics_sent.get((p, e)) != v]
         if changed:
             with session_scope(self.sessions) as session:
@@ -394,21 +357,6 @@ def _parse_event(line: bytes) -> store.RunEvent:
     except ValueError:
         return store.RunEvent.from_line(None, raw=text)
     return store.RunEvent.from_line(record, raw=text)
-
-
-def _parse_metric(line: bytes) -> tuple[str, int, dict[str, Any]] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    phase, epoch = record.pop("phase", None), record.pop("epoch", None)
-    if not isinstance(phase, str) or not phase or len(phase) > 32:
-        return None
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
-        return None
-    return phase, epoch, record
 
 
 # ------------------------------------------------------------------------------------------------ entry point

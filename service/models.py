@@ -26,6 +26,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from igat_core.rundir import EVENTS_FILE
+
 QUEUED = "queued"
 RUNNING = "running"
 CANCELLING = "cancelling"
@@ -101,7 +103,7 @@ class Experiment(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     last_seq: Mapped[int] = mapped_column(Integer, default=0, doc="seq of the newest event (allocated on this row)")
-    events_ingested: Mapped[int] = mapped_column(Integer, default=0, doc="lines of events.jsonl already stored")
+    events_ingested: Mapped[int] = mapped_column(Integer, default=0, doc=f"lines of {EVENTS_FILE} already stored")
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -28,6 +28,7 @@ from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from igat_core.rundir import artifact_files
 from service.models import (
     ACTIVE,
     CANCELLED,
@@ -43,6 +44,7 @@ from service.models import (
     Metric,
     utcnow,
 )
+from workers.executors.processes import alive
 
 #: from-state -> the states it may move to. Terminal states have no way out.
 ALLOWED: dict[str, frozenset[str]] = {
@@ -303,23 +305,7 @@ def owner_is_dead(owner: str | None) -> bool:
         pid = int(parts[1])
     except ValueError:
         return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
+    return pid != os.getpid() and not alive(pid)
 
 
 def claim_next(session: Session, *, owner: str, lease_s: float, executor: str) -> Experiment | None:
@@ -547,13 +533,7 @@ def upsert_metrics(session: Session, experiment_id: str, rows: Sequence[tuple[st
 
 def record_artifacts(session: Session, experiment_id: str, run_dir: Path) -> int:
     """Replace the artifact list of an experiment with the regular files under ``run_dir``."""
-    root = run_dir.resolve()
-    found: list[tuple[str, int]] = []
-    if root.is_dir():
-        for path in sorted(root.rglob("*")):
-            if path.is_symlink() or not path.is_file():
-                continue
-            found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+    found = artifact_files(run_dir)
     session.execute(delete(Artifact).where(Artifact.experiment_id == experiment_id))
     session.add_all(Artifact(experiment_id=experiment_id, path=p, size=s) for p, s in found if len(p) <= 1024)
     session.flush()

@@ -4,7 +4,9 @@
   every module (its AST), so an import inside a function, under TYPE_CHECKING or through
   ``importlib.import_module("...")`` counts as much as one at the top;
 - the service, its dispatcher and the composed ``igat`` program import neither torch nor ray (checked in a
-  fresh interpreter).
+  fresh interpreter);
+- igat_core/rundir.py owns the run directory: no other module of the scanned packages writes a run-directory
+  file name in a string (docstrings aside) or calls ``os.replace``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from igat_core import rundir
 
 try:
     from tests.service_fixtures import ROOT
@@ -33,6 +37,17 @@ print(json.dumps(heavy))
 
 DYNAMIC_IMPORTS = {"import_module", "__import__"}
 
+#: Packages whose modules must leave the run directory's file names and its atomic replace to igat_core/rundir.py.
+RUNDIR_SCANNED_PACKAGES = ("service", "workers")
+#: Modules of those packages that the rule does not cover (yet), relative to the repository root.
+RUNDIR_EXEMPT_FILES = frozenset({"igat_core/rundir.py", "workers/runner.py"})
+RUN_DIR_FILE_NAMES = (
+    rundir.SPEC_FILE, rundir.STATE_FILE, rundir.EVENTS_FILE, rundir.METRICS_FILE, rundir.TUNE_FILE,
+    rundir.EVALUATION_FILE, rundir.RESULTS_FILE, rundir.REPORT_FILE, rundir.ENSEMBLE_FILE, rundir.LAST_CHECKPOINT,
+    rundir.SCORE_FILE, rundir.HANDLE_FILE, rundir.STDOUT_LOG, rundir.STDERR_LOG, rundir.JOB_LOG,
+)
+DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
 
 def test_service_and_dispatcher_stay_light(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "IGAT_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
@@ -48,6 +63,10 @@ def test_igat_core_imports_neither_service_nor_workers() -> None:
 
 def test_workers_never_import_service() -> None:
     assert layer_crossings("workers", forbidden={"service"}) == []
+
+
+def test_only_rundir_names_run_directory_files_and_replaces_them() -> None:
+    assert rundir_rule_breaks() == []
 
 
 def layer_crossings(package: str, forbidden: set[str]) -> list[str]:
@@ -78,3 +97,26 @@ def dynamic_import_target(call: ast.Call) -> str:
         return ""
     first = call.args[0]
     return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else ""
+
+
+def rundir_rule_breaks() -> list[str]:
+    """``file:line what`` for each run-directory file name or ``os.replace`` outside igat_core/rundir.py."""
+    files = [path for package in RUNDIR_SCANNED_PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+             if path.relative_to(ROOT).as_posix() not in RUNDIR_EXEMPT_FILES]
+    assert len(files) > 3, f"no modules found under {RUNDIR_SCANNED_PACKAGES}"
+    return [f"{path.relative_to(ROOT)}:{line} {what}" for path in files for line, what in rundir_rule_breaks_in(path)]
+
+
+def rundir_rule_breaks_in(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, what) of each string but a docstring naming a run-directory file, and each use of os.replace."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree) if isinstance(node, DOCUMENTED) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield from ((node.lineno, f"names {name} (use igat_core.rundir's constant)")
+                        for name in RUN_DIR_FILE_NAMES if name in node.value)
+        elif isinstance(node, ast.Attribute) and node.attr == "replace" and getattr(node.value, "id", "") == "os":
+            yield node.lineno, "calls os.replace (use igat_core.rundir.replacing)"
+        elif isinstance(node, ast.ImportFrom) and node.module == "os" and any(a.name == "replace" for a in node.names):
+            yield node.lineno, "imports os.replace (use igat_core.rundir.replacing)"

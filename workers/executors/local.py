@@ -16,15 +16,13 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
 
+from igat_core.rundir import HANDLE_FILE, SPEC_FILE, STDERR_LOG, STDOUT_LOG, read_json, write_text_atomic
 from workers.executors import ExperimentRun, Handle, RunState
+from workers.executors.processes import alive, group_members, start_time
 
 log = logging.getLogger(__name__)
 
-HANDLE_FILE = "executor.json"
-STDOUT = "stdout.log"
-STDERR = "stderr.log"
 ATTEMPT_MARK = "=== igat dispatcher: attempt "
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,11 +45,11 @@ class LocalProcessExecutor:
 
         run_dir = run.run_dir.resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        spec_path = run_dir / "spec.yaml"
+        spec_path = run_dir / SPEC_FILE
         spec_path.write_text(dump_spec(parse_spec(run.spec, f"experiment {run.experiment_id}")))
         command = [*self.runner_command, str(spec_path), "--out", str(run_dir)]
         mark = f"{ATTEMPT_MARK}{run.attempt}: {' '.join(command)}\n".encode()
-        with open(run_dir / STDOUT, "ab") as out, open(run_dir / STDERR, "ab") as err:
+        with open(run_dir / STDOUT_LOG, "ab") as out, open(run_dir / STDERR_LOG, "ab") as err:
             out.write(mark)
             err.write(mark)
             out.flush()
@@ -71,13 +69,11 @@ class LocalProcessExecutor:
             "host": socket.gethostname(),
             "pid": process.pid,
             "pgid": process.pid,
-            "start_time": _start_time(process.pid),
+            "start_time": start_time(process.pid),
             "run_dir": str(run_dir),
             "attempt": run.attempt,
         }
-        tmp = run_dir / (HANDLE_FILE + ".tmp")
-        tmp.write_text(json.dumps(handle))
-        os.replace(tmp, run_dir / HANDLE_FILE)
+        write_text_atomic(run_dir / HANDLE_FILE, json.dumps(handle))
         log.info("started experiment %s attempt %d: pid %d", run.experiment_id, run.attempt, process.pid)
         return handle
 
@@ -100,7 +96,7 @@ class LocalProcessExecutor:
             if code is None:
                 return RunState(running=True)
             return RunState(running=False, exit_code=code)
-        return RunState(running=_alive(pid, handle.get("start_time")))
+        return RunState(running=alive(pid, handle.get("start_time")))
 
     # ------------------------------------------------------------------------------------------ cancel / clean
 
@@ -120,7 +116,7 @@ class LocalProcessExecutor:
         if child is not None and child.poll() is None:  # pragma: no cover - release is called after the exit
             child.kill()
             child.wait()
-        if _group_members(int(handle.get("pgid") or pid)):
+        if group_members(int(handle.get("pgid") or pid)):
             log.info("killing leftover processes of group %s", handle.get("pgid"))
             self.cancel(handle, force=True)
 
@@ -128,7 +124,7 @@ class LocalProcessExecutor:
         pid = int(handle["pid"])
         if pid in self._children:
             return True
-        return _alive(pid, handle.get("start_time")) or bool(_group_members(int(handle.get("pgid") or pid)))
+        return alive(pid, handle.get("start_time")) or bool(group_members(int(handle.get("pgid") or pid)))
 
     # ---------------------------------------------------------------------------------------------- recovery
 
@@ -136,17 +132,14 @@ class LocalProcessExecutor:
         if handle.get("host", socket.gethostname()) != socket.gethostname():
             log.warning("run %s was started on host %s; the local executor cannot see it", handle, handle.get("host"))
             return False
-        return _alive(int(handle["pid"]), handle.get("start_time"))
+        return alive(int(handle["pid"]), handle.get("start_time"))
 
     def find(self, run_dir: Path) -> Handle | None:
-        try:
-            handle = json.loads((run_dir / HANDLE_FILE).read_text())
-        except (OSError, ValueError):
-            return None
+        handle = read_json(run_dir / HANDLE_FILE)
         return handle if isinstance(handle, dict) and "pid" in handle else None
 
     def error_tail(self, handle: Handle, max_chars: int = 4000) -> str:
-        path = Path(handle["run_dir"]) / STDERR
+        path = Path(handle["run_dir"]) / STDERR_LOG
         try:
             with open(path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -163,49 +156,3 @@ class LocalProcessExecutor:
         text = "\n".join(line for line in lines if line.strip()).strip()
         return text[-max_chars:]
 
-
-# ------------------------------------------------------------------------------------------- /proc helpers
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> Any:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
-def _alive(pid: int, start_time: Any = None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    fields = _stat_fields(pid)
-    if fields is None:
-        return not Path("/proc").is_dir()  # no procfs: trust kill(0)
-    if fields[0] in ("Z", "X"):
-        return False
-    return start_time is None or _start_time(pid) == start_time
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live processes whose process group and session are ``pgid`` (the runner's own session)."""
-    members = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return members
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields and len(fields) > 3 and fields[2] == str(pgid) and fields[3] == str(pgid) and fields[0] not in "ZX":
-            members.append(int(entry.name))
-    return members

@@ -24,17 +24,14 @@ import shlex
 import signal
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from igat_core.rundir import HANDLE_FILE, JOB_LOG, SPEC_FILE, RunLog, read_json, write_text_atomic
 from workers.executors import ExperimentRun, Handle, RunState
 
 log = logging.getLogger(__name__)
 
-HANDLE_FILE = "executor.json"
-JOB_LOG = "job.log"
-EVENTS_FILE = "events.jsonl"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_LOG_EVENTS_PER_POLL = 50
 RUNNING_STATES = ("PENDING", "RUNNING")
@@ -83,7 +80,7 @@ class RayJobsExecutor:
 
         run_dir = run.run_dir.resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        spec_path = run_dir / "spec.yaml"
+        spec_path = run_dir / SPEC_FILE
         spec_path.write_text(dump_spec(parse_spec(run.spec, f"experiment {run.experiment_id}")))
         job_id = submission_id(run.experiment_id, run.attempt)
         entrypoint = shlex.join([self.python, "-m", "workers.runner", str(spec_path), "--out", str(run_dir),
@@ -97,9 +94,7 @@ class RayJobsExecutor:
             log.info("job %s was already submitted; adopting it", job_id)
         handle: Handle = {"executor": self.name, "submission_id": job_id, "address": self.address,
                           "run_dir": str(run_dir), "attempt": run.attempt}
-        tmp = run_dir / (HANDLE_FILE + ".tmp")
-        tmp.write_text(json.dumps(handle))
-        os.replace(tmp, run_dir / HANDLE_FILE)
+        write_text_atomic(run_dir / HANDLE_FILE, json.dumps(handle))
         log.info("submitted experiment %s attempt %d as Ray job %s", run.experiment_id, run.attempt, job_id)
         return handle
 
@@ -154,14 +149,10 @@ class RayJobsExecutor:
         lines = [line.rsplit("\r", 1)[-1].strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         shown = lines[-MAX_LOG_EVENTS_PER_POLL:]
-        now = datetime.now(UTC).isoformat()
-        records = []
-        if len(lines) > len(shown):
-            records.append({"time": now, "phase": "job", "event": "log",
-                            "message": f"({len(lines) - len(shown)} earlier line(s) in {JOB_LOG})"})
-        records += [{"time": now, "phase": "job", "event": "log", "message": line[:2000]} for line in shown]
-        with open(run_dir / EVENTS_FILE, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
+        skipped = [f"({len(lines) - len(shown)} earlier line(s) in {JOB_LOG})"] if len(lines) > len(shown) else []
+        run_log = RunLog(run_dir)
+        for message in [*skipped, *(line[:2000] for line in shown)]:
+            run_log.event("job", "log", message)
 
     # ------------------------------------------------------------------------------------------ cancel / clean
 
@@ -184,10 +175,7 @@ class RayJobsExecutor:
         return status in RUNNING_STATES
 
     def find(self, run_dir: Path) -> Handle | None:
-        try:
-            handle = json.loads((run_dir / HANDLE_FILE).read_text())
-        except (OSError, ValueError):
-            return None
+        handle = read_json(run_dir / HANDLE_FILE)
         return handle if isinstance(handle, dict) and "submission_id" in handle else None
 
     def error_tail(self, handle: Handle, max_chars: int = 4000) -> str:
