@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from igat_core.rundir import ENSEMBLE_FILE, PLOTS_DIR, REPORT_FILE, RESULTS_FILE
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="iGAT: interactive global adversarial training for ensemble defenses.")
 
@@ -53,7 +55,7 @@ def run(
     failed = [name for name, c in results["sanity"].items() if not c["passed"]]
     if failed:
         typer.secho(f"\nSANITY CHECKS FAILED: {', '.join(failed)}", fg=typer.colors.RED)
-    typer.echo(f"\nresults: {out / 'results.json'}  report: {out / 'report.md'}")
+    typer.echo(f"\nresults: {out / RESULTS_FILE}  report: {out / REPORT_FILE}")
 
 
 def _register_theory_commands() -> None:
@@ -148,8 +150,8 @@ def _load_checkpoint(path: Path):
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a saved ensemble (ensemble.pt)")],
-    out: Annotated[Path, typer.Option("--out", help="directory for results.json, report.md and plots/")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help=f"a saved ensemble ({ENSEMBLE_FILE})")],
+    out: Annotated[Path, typer.Option("--out", help=f"directory for {RESULTS_FILE}, {REPORT_FILE} and {PLOTS_DIR}/")],
     attacks: Annotated[list[str] | None, typer.Option(
         "--attacks", help="comma-separated or repeated: natural, pgd, cw, mim, autoattack, signhunter, simba, "
                           "bandits, or all (default: natural,pgd,cw,signhunter,autoattack)")] = None,
@@ -242,7 +244,7 @@ def _evaluate_models(models: dict, dataset: str, spec, out: Path, device, seed: 
 
 def _write_eval_results(results: dict, out: Path) -> None:
     from igat_core.report import write_report
-    from igat_core.rundir import RESULTS_FILE, write_json_atomic
+    from igat_core.rundir import write_json_atomic
 
     write_json_atomic(out / RESULTS_FILE, results)
     write_report(results, out)
@@ -250,8 +252,6 @@ def _write_eval_results(results: dict, out: Path) -> None:
 
 def _print_eval(results: dict, checkpoint: Path, dataset: str, out: Path) -> None:
     from igat_core.report import accuracy_table, extra_table, failed_checks, improvement_table, sweep_table
-    from igat_core.rundir import REPORT_FILE, RESULTS_FILE
-
     evaluation = results["evaluation"]
     typer.echo(f"\n{checkpoint} on {dataset}: accuracy (%) on {evaluation['n_examples']} test examples, "
                f"eps {evaluation['eps'] * 255:.2f}/255\n")

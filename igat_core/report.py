@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from igat_core.figures import pyplot, save_figure
+from igat_core.rundir import PLOTS_DIR, REPORT_FILE
 
 ATTACK_TITLES = {"natural": "Natural", "pgd": "PGD", "cw": "CW", "signhunter": "SH", "autoattack": "AA",
                  "mim": "MIM", "simba": "SimBA", "bandits": "Bandits", "union": "Union"}
@@ -15,8 +16,8 @@ EXTRA_ATTACKS = ("mim", "simba", "bandits", "union")
 MODEL_TITLES = {"base": "base", "baseline": "baseline", "continued": "continued", "global_at": "global_at",
                 "igat": "iGAT", "model": "model"}
 COMBINERS = ("average", "max")
-SWEEP_PLOT = "plots/accuracy_vs_eps.png"
-DIAGNOSTICS_PLOT = "plots/diagnostics.png"
+SWEEP_PLOT = f"{PLOTS_DIR}/accuracy_vs_eps.png"
+DIAGNOSTICS_PLOT = f"{PLOTS_DIR}/diagnostics.png"
 
 
 def _models(evaluation: dict) -> list[str]:
@@ -214,6 +215,6 @@ def write_report(results: dict, out: str | Path) -> Path:
         from igat_core.theory.plots import plot_diagnostics
 
         plot_diagnostics(results["diagnostics"], out / DIAGNOSTICS_PLOT)
-    path = out / "report.md"
+    path = out / REPORT_FILE
     path.write_text(render_report(results))
     return path

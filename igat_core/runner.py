@@ -28,8 +28,8 @@ from igat_core.igat import CONTROLS, FineTuning, IgatConfig, fine_tune_objective
 from igat_core.models import ModelConfig
 from igat_core.report import write_report
 from igat_core.results import results_record
-from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE, TUNE_FILE, RunLog,
-                              checkpoint_dir, model_checkpoint, read_json, write_json_atomic)
+from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, REPORT_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
+                              TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, read_json, write_json_atomic)
 from igat_core.runtime import torch_threads
 from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, dump_spec, load_spec
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
@@ -365,7 +365,7 @@ class Runner:
         results = run_results(self.spec, self.out, self.context.device)
         write_json_atomic(self.out / RESULTS_FILE, results)
         write_report(results, self.out)
-        self.context.log.event("run", "finished", "results.json and report.md written")
+        self.context.log.event("run", "finished", f"{RESULTS_FILE} and {REPORT_FILE} written")
         return results
 
 

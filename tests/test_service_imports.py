@@ -38,9 +38,9 @@ print(json.dumps(heavy))
 DYNAMIC_IMPORTS = {"import_module", "__import__"}
 
 #: Packages whose modules must leave the run directory's file names and its atomic replace to igat_core/rundir.py.
-RUNDIR_SCANNED_PACKAGES = ("service", "workers")
+RUNDIR_SCANNED_PACKAGES = ("igat_core", "service", "workers")
 #: Modules of those packages that the rule does not cover (yet), relative to the repository root.
-RUNDIR_EXEMPT_FILES = frozenset({"igat_core/rundir.py", "workers/runner.py"})
+RUNDIR_EXEMPT_FILES = frozenset({"igat_core/rundir.py"})
 RUN_DIR_FILE_NAMES = (
     rundir.SPEC_FILE, rundir.STATE_FILE, rundir.EVENTS_FILE, rundir.METRICS_FILE, rundir.TUNE_FILE,
     rundir.EVALUATION_FILE, rundir.RESULTS_FILE, rundir.REPORT_FILE, rundir.ENSEMBLE_FILE, rundir.LAST_CHECKPOINT,

@@ -34,7 +34,7 @@ import torch
 from igat_core.data import Split, equidistant_indices, load_dataset
 from igat_core.ensemble import Ensemble, ensemble_from_checkpoint, load_ensemble
 from igat_core.igat import IgatConfig, IgatObjective
-from igat_core.rundir import SCORE_FILE, RunLog, checkpoint_dir, write_json_atomic
+from igat_core.rundir import RESULTS_FILE, SCORE_FILE, RunLog, checkpoint_dir, write_json_atomic
 from igat_core.runner import Runner, TuneRequest, train_config
 from igat_core.runtime import torch_threads
 from igat_core.spec import ExperimentSpec, SpecError, TuneSpec, load_spec
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if results.get("tune"):
         chosen = results["tune"]["chosen"]
         print(f"alpha/beta search: chose alpha={chosen['alpha']:g}, beta={chosen['beta']:g}")
-    print(f"results: {out / 'results.json'}")
+    print(f"results: {out / RESULTS_FILE}")
     return 0
 
 
