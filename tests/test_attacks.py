@@ -191,3 +191,19 @@ def test_the_base_class_projects_the_output_but_records_what_forward_returned():
     nan = Scaling(torch.nn.Identity(), 0.1, float("nan"))
     nan(x, y)
     assert nan.raw_bounds == OutputBounds(float("inf"), float("-inf"), float("inf"))
+
+
+def test_the_registry_builds_every_attack_the_spec_names_and_only_those():
+    from typing import get_args
+
+    from igat_core.attacks import ATTACKS
+    from igat_core.spec import AttackName
+
+    evaluated = set(get_args(AttackName)) - {"natural"}
+    assert evaluated <= set(ATTACKS)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.LogSoftmax(dim=1))
+    for name in evaluated:
+        attack = make_attack(name, model, TINY, torch.Generator().manual_seed(0), eps=0.1)
+        assert isinstance(attack, ATTACKS[name]) and attack.eps == 0.1
+    with pytest.raises(ValueError, match="unknown attack 'fgsm'"):
+        make_attack("fgsm", model, TINY, torch.Generator())

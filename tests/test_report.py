@@ -112,3 +112,13 @@ def test_runner_results_carry_sweep_cost_and_sanity_into_the_report(tmp_path):
     (tmp_path / "evaluation.json").write_text(json.dumps(record))
     older = run_results(spec, tmp_path, torch.device("cpu"))
     assert "eps_sweep" not in older["evaluation"] and older["attack_cost"] == {}
+
+
+def test_every_attack_of_the_spec_has_a_title_and_a_table():
+    from typing import get_args
+
+    from igat_core.report import ATTACK_TITLES, EXTRA_ATTACKS, TABLE1_ATTACKS
+    from igat_core.spec import AttackName
+
+    assert set(ATTACK_TITLES) == {*get_args(AttackName), "union"}
+    assert sorted((*TABLE1_ATTACKS, *EXTRA_ATTACKS)) == sorted(ATTACK_TITLES)
