@@ -58,6 +58,48 @@ def run(
     typer.echo(f"\nresults: {out / RESULTS_FILE}  report: {out / REPORT_FILE}")
 
 
+@app.command()
+def study(
+    spec_path: Annotated[Path, typer.Argument(metavar="STUDY.yaml", help="study spec (examples/studies/)")],
+    out: Annotated[Path | None, typer.Option("--out", help="study directory (default runs/<name>)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Run every experiment of a study in-process, one after another, then its Tables 1-3 over seeds
+    (DIR/results.json, DIR/report.md); rerunning the same command resumes."""
+    from igat_core.spec import SpecError
+    from igat_core.study_spec import load_study, plan_study
+
+    try:
+        study_spec = load_study(spec_path)
+    except SpecError as exc:
+        raise fail(str(exc), code=2) from None
+    tuned = [p.name for p in plan_study(study_spec) if p.spec.tune.enabled]
+    if tuned:
+        raise fail(f"{spec_path}: tune.enabled in {tuned[0]}: the alpha/beta search runs on Ray Tune; submit the "
+                   "study to the service or set tune.enabled: false", code=2)
+
+    from igat_core.study import run_study
+
+    out = out or Path("runs") / study_spec.name
+    try:
+        record = run_study(study_spec, out, progress=not quiet, echo=typer.echo)
+    except RuntimeError as exc:
+        raise fail(f"igat study failed: {exc}") from None
+    _print_study(record, out)
+    if record["counts"]["failed"]:
+        raise typer.Exit(1)
+
+
+def _print_study(record: dict, out: Path) -> None:
+    counts = record["counts"]
+    typer.echo(f"\nstudy {record['name']}: {counts['planned']} runs, {counts['succeeded']} succeeded, "
+               f"{counts['failed']} failed")
+    for run in record["runs"]:
+        if run["status"] != "succeeded":
+            typer.secho(f"  {run['name']}: {run['status']}: {run['error']}", fg=typer.colors.RED)
+    typer.echo(f"results: {out / RESULTS_FILE}  report: {out / REPORT_FILE}")
+
+
 def _register_theory_commands() -> None:
     from igat_core.theory.cli import theory_app
 

@@ -34,11 +34,18 @@ HANDLE_FILE = "executor.json"
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
 JOB_LOG = "job.log"
+STUDY_FILE = "study.json"
+STUDY_RUNS_DIR = "runs"
 
 
 def run_dir_of(artifact_root: str | Path, experiment_id: str) -> Path:
     """The run directory the service gives an experiment that has not recorded one."""
     return Path(artifact_root) / experiment_id
+
+
+def study_run_dir(study_dir: Path, experiment: str) -> Path:
+    """The run directory of one planned experiment of the study in `study_dir` (`igat study --out DIR`)."""
+    return study_dir / STUDY_RUNS_DIR / experiment
 
 
 def checkpoint_dir(run_dir: Path, name: str) -> Path:

@@ -44,7 +44,7 @@ RUNDIR_EXEMPT_FILES = frozenset({"igat_core/rundir.py"})
 RUN_DIR_FILE_NAMES = (
     rundir.SPEC_FILE, rundir.STATE_FILE, rundir.EVENTS_FILE, rundir.METRICS_FILE, rundir.TUNE_FILE,
     rundir.EVALUATION_FILE, rundir.RESULTS_FILE, rundir.REPORT_FILE, rundir.ENSEMBLE_FILE, rundir.LAST_CHECKPOINT,
-    rundir.SCORE_FILE, rundir.HANDLE_FILE, rundir.STDOUT_LOG, rundir.STDERR_LOG, rundir.JOB_LOG,
+    rundir.SCORE_FILE, rundir.HANDLE_FILE, rundir.STDOUT_LOG, rundir.STDERR_LOG, rundir.JOB_LOG, rundir.STUDY_FILE,
 )
 DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
