@@ -477,7 +477,7 @@ def _phases(run_dir: Path, event: str) -> list[str]:
 
 def _check_runs(sessions, artifact_root: Path, study_id: str) -> dict[str, Experiment]:
     """Every run ended once, succeeded; each finished phase ran once; each seed's base was trained by its base run
-    alone and loaded by the other arm."""
+    alone and loaded by the other arm, which was claimed only after that base was ready."""
     runs = runs_of(sessions, study_id)
     for name, e in runs.items():
         terminal = [ev for ev in events_of(sessions, e.id) if ev.kind == "status" and ev.data["status"] in TERMINAL]
@@ -494,6 +494,9 @@ def _check_runs(sessions, artifact_root: Path, study_id: str) -> dict[str, Exper
         assert "pretrain" not in {m["phase"] for m in read_jsonl(loader / "metrics.jsonl")}
         assert "pretrain" not in {phase for phase, _, _ in metrics_of(sessions, runs[dependent].id)}
         assert runs[dependent].depends_on == runs[base].id and runs[base].base_ready_at is not None
+        claimed = [ev.time for ev in events_of(sessions, runs[dependent].id)
+                   if ev.kind == "status" and ev.data["status"] == RUNNING]
+        assert claimed[0] > runs[base].base_ready_at  # queued until its base was ready, not started to race it
     return runs
 
 
