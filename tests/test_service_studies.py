@@ -514,7 +514,7 @@ def test_a_study_through_the_service_survives_a_killed_dispatcher_and_matches_ig
     artifact_root = settings.artifact_root.resolve()
     spec_file = tmp_path / "ablation.yaml"
     spec_file.write_text(yaml.safe_dump(ABLATION, sort_keys=False))
-    served = serve(tmp_path, settings)
+    served = serve(tmp_path, settings, {"IGAT_MAX_CONCURRENT_EXPERIMENTS": "2"})  # (not in settings_env)
     engine = make_engine(sqlite_url)
     sessions = make_session_factory(engine)
     env = {**os.environ, "IGAT_API_URL": served.url, "IGAT_API_TOKEN": TOKEN, "IGAT_POLL_S": "0.5",
@@ -541,6 +541,13 @@ def test_a_study_through_the_service_survives_a_killed_dispatcher_and_matches_ig
         assert any(m.startswith("re-queued") for m in (ev.message for ev in events_of(sessions, runs[
             "svc-seed0-igat"].id)))
     assert "restarting it" in served.log.read_text()
+    starts = sorted((ev.time, ev.data["status"], name) for name, e in runs.items() for ev in events_of(sessions, e.id)
+                    if ev.kind == "status" and ev.data["status"] in (RUNNING, SUCCEEDED, FAILED))
+    live, most = set(), 0
+    for _, status, name in starts:
+        (live.add if status == RUNNING else live.discard)(name)
+        most = max(most, len(live))
+    assert most == 2  # the two seeds' bases ran side by side
     assert record["counts"] == {"planned": 4, "succeeded": 4, "pending": 0, "failed": 0}
     assert {r["n"] for r in record["table3"]} == {2}
 
