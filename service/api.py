@@ -2,6 +2,7 @@
 
 Submission body: the bare ExperimentSpec as JSON (what ``igat run`` reads from YAML), priority as a query
 parameter: ``POST /experiments?priority=5``. Higher priorities run first; equal priorities run oldest first.
+``POST /studies`` takes the bare StudySpec (what ``igat study`` reads) the same way and queues its plan.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import json
 import mimetypes
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from igat_core import rundir
 from igat_core.spec import ExperimentSpec
-from service import store
+from igat_core.study_spec import StudySpec, StudySpecError, parse_study, plan_study
+from service import store, studies
 from service.auth import require_token
 from service.db import session_scope
 from service.models import FAILED, SUCCEEDED, TERMINAL
@@ -36,11 +39,15 @@ from service.schemas import (
     MetricOut,
     MetricPage,
     Status,
+    StudyDetail,
+    StudyOut,
+    StudyPage,
 )
 
 router = APIRouter()
 
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no experiment with that id"}}
+STUDY_NOT_FOUND = {404: {"model": ErrorOut, "description": "no study with that id"}}
 AUTH = {
     401: {"model": ErrorOut, "description": "missing or invalid bearer token"},
     503: {"model": ErrorOut, "description": "the server has no API token configured: mutations are disabled"},
@@ -167,6 +174,109 @@ def cancel_experiment(experiment_id: str, request: Request) -> ExperimentOut:
                 status.HTTP_409_CONFLICT, f"experiment {experiment_id} already {exc.current}; nothing to cancel"
             ) from None
         return ExperimentOut.of(experiment)
+
+
+# ------------------------------------------------------------------------------------------------ studies
+
+IDEMPOTENCY_KEY = Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                         description="same key + same body: the first response again; same key + other body: 422")
+
+
+def _study(body: dict[str, Any]) -> StudySpec:
+    """The StudySpec of a request body, or a 422 naming each problem's field (as for an ExperimentSpec)."""
+    try:
+        return parse_study(body, "(request body)")
+    except StudySpecError as exc:
+        raise RequestValidationError(
+            [{"loc": ("body", path), "msg": reason, "type": "study_spec"} for path, reason in exc.problems]
+        ) from None
+
+
+@router.post(
+    "/studies",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=StudyDetail,
+    dependencies=[Depends(require_token)],
+    tags=["studies"],
+    responses={**AUTH, 422: {"description": "invalid study (each field path, e.g. grid.igat.rule[2], and "
+                             "reason), or an Idempotency-Key reused with another body"}},
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": StudySpec.model_json_schema()}}}},
+)
+def submit_study(
+    body: Annotated[dict[str, Any], Body(description="a StudySpec (what `igat study` reads from YAML)")],
+    request: Request,
+    response: Response,
+    priority: Annotated[int, Query(ge=-1000, le=1000, description="of every run; higher runs first")] = 0,
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+) -> StudyDetail:
+    """Queue every experiment of a study's plan; the runs that share a pretrained base wait for the one that
+    trains it. Answers 202 with a Location header."""
+    study = _study(body)
+    plan = plan_study(study)
+    digest = studies.request_hash(study, plan, priority)
+    with session_scope(_sessions(request)) as session:
+        row, created = store.create_study(
+            session, spec=study.model_dump(mode="json"), plan=plan, artifact_root=_settings(request).artifact_root,
+            priority=priority, idempotency_key=idempotency_key, request_hash=digest,
+        )
+        detail = StudyDetail.of(row, store.study_experiments(session, [row.id])[row.id])
+    response.headers["Location"] = f"/studies/{detail.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return detail
+
+
+@router.get("/studies", response_model=StudyPage, tags=["studies"])
+def list_studies(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+) -> StudyPage:
+    """Studies, newest first, each with its status, counts per status and progress."""
+    with session_scope(_sessions(request)) as session:
+        rows, total = store.list_studies(session, limit=limit, offset=offset)
+        runs = store.study_experiments(session, [row.id for row in rows])
+        items = [StudyOut.of(row, runs[row.id]) for row in rows]
+    return StudyPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/studies/{study_id}", response_model=StudyDetail, tags=["studies"], responses=STUDY_NOT_FOUND)
+def get_study(study_id: str, request: Request) -> StudyDetail:
+    """The study with each run's status, arm, grid point and dependency, in plan order."""
+    with session_scope(_sessions(request)) as session:
+        row = store.get_study(session, study_id)
+        return StudyDetail.of(row, store.study_experiments(session, [study_id])[study_id])
+
+
+@router.get(
+    "/studies/{study_id}/results",
+    tags=["studies"],
+    responses={200: {"description": f"the study's {rundir.RESULTS_FILE} as `igat study` writes it (runs, counts, "
+                     "tables), plus its id; unfinished runs are counted as pending"}, **STUDY_NOT_FOUND},
+)
+def get_study_results(study_id: str, request: Request) -> JSONResponse:
+    with session_scope(_sessions(request)) as session:
+        row = store.get_study(session, study_id)
+        runs = store.study_experiments(session, [study_id])[study_id]
+    return JSONResponse(studies.results(row, runs, Path(_settings(request).artifact_root)))
+
+
+@router.post(
+    "/studies/{study_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=StudyDetail,
+    dependencies=[Depends(require_token)],
+    tags=["studies"],
+    responses={**AUTH, **STUDY_NOT_FOUND, 409: {"model": ErrorOut, "description": "every run already finished"}},
+)
+def cancel_study(study_id: str, request: Request) -> StudyDetail:
+    """Cancel every unfinished run (queued: at once; running: through cancelling, as for one experiment)."""
+    with session_scope(_sessions(request)) as session:
+        try:
+            row = store.request_study_cancel(session, study_id)
+        except store.StudyFinished as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return StudyDetail.of(row, store.study_experiments(session, [study_id])[study_id])
 
 
 # ------------------------------------------------------------------------------------------ events (SSE)

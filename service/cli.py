@@ -1,5 +1,7 @@
 """The `igat` console script, and its service commands: ``igat serve``, ``igat migrate`` and the thin REST client
-(``igat submit / status / results / cancel``).
+(``igat submit / status / results / cancel``). ``igat submit`` takes an experiment spec or a study spec (a YAML
+with a top-level ``experiment``, as ``igat study`` reads); ``status``, ``results`` and ``cancel`` take the id of
+either.
 
 `igat_app()` composes `igat`: igat_core's core commands (run, eval, theory; ``igat_core.cli``) with the ones
 `register(app)` adds here. It is built on the service side, where both layers are visible, so igat_core never
@@ -32,6 +34,8 @@ from igat_core.rundir import RESULTS_FILE
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_TOKEN_FILE = Path("var") / "api-token"
 TERMINAL = ("succeeded", "failed", "cancelled")
+#: top-level keys of a study spec that no experiment spec has
+STUDY_KEYS = ("experiment", "variants", "grid", "arms")
 
 
 def _token_file() -> Path:
@@ -230,17 +234,33 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _request(method: str, path: str, **kwargs: Any) -> Any:
+def _send(method: str, path: str, **kwargs: Any):
     import httpx
 
     try:
         with _client() as client:
-            response = client.request(method, path, **kwargs)
+            return client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
         _fail(f"cannot reach the igat service at {_api_url()} ({exc}); is `igat serve` running?")
+
+
+def _checked(response) -> Any:
     if response.status_code >= 400:
         _fail(f"error {response.status_code}: {_error_text(response)}")
     return response.json()
+
+
+def _request(method: str, path: str, **kwargs: Any) -> Any:
+    return _checked(_send(method, path, **kwargs))
+
+
+def _either(method: str, identifier: str, experiment_path: str, study_path: str) -> tuple[str, Any]:
+    """("experiment" | "study", body): the experiment with this id, else the study (ids are distinct UUIDs)."""
+    response = _send(method, experiment_path.format(id=identifier))
+    if response.status_code != 404:
+        return "experiment", _checked(response)
+    studied = _send(method, study_path.format(id=identifier))
+    return "study", _checked(studied if studied.status_code != 404 else response)
 
 
 def _error_text(response) -> str:
@@ -260,19 +280,23 @@ def _error_text(response) -> str:
 
 
 def submit(
-    spec_path: Annotated[Path, typer.Argument(help="experiment spec (YAML)", exists=True, dir_okay=False)],
-    wait: Annotated[bool, typer.Option("--wait", help="follow progress until the experiment finishes")] = False,
+    spec_path: Annotated[Path, typer.Argument(help="experiment or study spec (YAML)", exists=True, dir_okay=False)],
+    wait: Annotated[bool, typer.Option("--wait", help="follow progress until it finishes (a study: then print its "
+                                       "tables)")] = False,
     priority: Annotated[int, typer.Option(help="higher runs first")] = 0,
     idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with the same key is a no-op")] = None,
 ) -> None:
-    """Submit a spec to the service; prints the experiment id."""
+    """Submit a spec to the service; prints the experiment's (or the study's) id."""
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    if is_study_file(spec_path):
+        submit_study(spec_path, wait=wait, priority=priority, headers=headers)
+        return
     from igat_core.spec import SpecError, load_spec
 
     try:
         spec = load_spec(spec_path)
     except SpecError as exc:
         _fail(str(exc), code=2)
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     experiment = _request(
         "POST", "/experiments", json=spec.model_dump(mode="json"), params={"priority": priority}, headers=headers
     )
@@ -283,6 +307,64 @@ def submit(
             detail = _request("GET", f"/experiments/{experiment['id']}")
             _fail(f"experiment {experiment['id']} {final}" + (f": {detail['error']}" if detail.get("error") else ""))
         typer.echo(f"succeeded; results: igat results {experiment['id']}")
+
+
+def is_study_file(path: Path) -> bool:
+    """A YAML mapping with a study's keys (`experiment`, `grid`, ...); anything unreadable is left to load_spec."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and any(key in data for key in STUDY_KEYS)
+
+
+def submit_study(path: Path, *, wait: bool, priority: int, headers: dict[str, str]) -> None:
+    """POST /studies; with ``wait``, follow its runs, then print its tables (exit 1 unless every run succeeded)."""
+    from igat_core.spec import SpecError
+    from igat_core.study_spec import load_study
+
+    try:
+        study = load_study(path)
+    except SpecError as exc:
+        _fail(str(exc), code=2)
+    created = _request("POST", "/studies", json=study.model_dump(mode="json"), params={"priority": priority},
+                       headers=headers)
+    typer.echo(f"{created['id']} {created['status']} (study {created['name']}, {created['runs']} runs)")
+    if not wait:
+        return
+    final = follow_study(created["id"])
+    typer.echo(study_summary(_request("GET", f"/studies/{created['id']}/results")))
+    if final != "succeeded":
+        _fail(f"study {created['id']} {final}; results: igat results {created['id']}")
+    typer.echo(f"study succeeded; results: igat results {created['id']}")
+
+
+def follow_study(study_id: str, poll_s: float | None = None) -> str:
+    """Print each run's status changes until every run has finished; returns the study's status."""
+    poll_s = poll_s if poll_s is not None else float(os.environ.get("IGAT_POLL_S", "2"))
+    seen: dict[str, str] = {}
+    while True:
+        study = _request("GET", f"/studies/{study_id}")
+        for run in study["experiments"]:
+            if seen.get(run["id"]) != run["status"]:
+                seen[run["id"]] = run["status"]
+                done = sum(r["status"] in TERMINAL for r in study["experiments"])
+                why = (run.get("error") or "").strip().splitlines()[-1:]
+                typer.echo(f"[{done}/{study['runs']} finished] {run['name']}: {run['status']}"
+                           + (f": {why[0]}" if why else ""))
+        if study["status"] in TERMINAL:
+            return study["status"]
+        time.sleep(poll_s)
+
+
+def study_summary(record: dict[str, Any]) -> str:
+    """The study's report (runs, Tables 1-3) as text, without its plot links."""
+    from igat_core.study_report import render_study_report
+
+    lines = render_study_report(record).splitlines()
+    return "\n".join(line for line in lines if not line.startswith("!["))
 
 
 def follow(experiment_id: str) -> str:
@@ -344,10 +426,11 @@ def _format_event(e: dict[str, Any]) -> str:
 
 
 def status(
-    experiment_id: Annotated[str | None, typer.Argument(help="experiment id; omit to list recent experiments")] = None,
+    experiment_id: Annotated[str | None, typer.Argument(help="experiment or study id; omit to list recent "
+                                                        "experiments")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
 ) -> None:
-    """Show one experiment, or list the most recent ones."""
+    """Show one experiment or study (each run's status), or list the most recent experiments."""
     if experiment_id is None:
         page = _request("GET", "/experiments", params={"limit": 20})
         if as_json:
@@ -357,9 +440,12 @@ def status(
             typer.echo(f"{e['id']}  {e['status']:<10} {e['name']}  (created {e['created_at'][:19]})")
         typer.echo(f"{len(page['items'])} of {page['total']} experiment(s)")
         return
-    e = _request("GET", f"/experiments/{experiment_id}")
+    kind, e = _either("GET", experiment_id, "/experiments/{id}", "/studies/{id}")
     if as_json:
         typer.echo(json.dumps(e, indent=2))
+        return
+    if kind == "study":
+        _print_study(e)
         return
     typer.echo(f"{e['id']}  {e['name']}\n  status:   {e['status']} (attempt {e['attempt']}, priority {e['priority']})")
     for key in ("created_at", "started_at", "finished_at"):
@@ -369,12 +455,21 @@ def status(
         typer.echo(f"  error:    {e['error']}")
 
 
+def _print_study(s: dict[str, Any]) -> None:
+    counts = ", ".join(f"{n} {status}" for status, n in s["counts"].items() if n)
+    typer.echo(f"{s['id']}  study {s['name']}\n  status:   {s['status']} ({s['progress']:.0%} of {s['runs']} runs "
+               f"finished: {counts})")
+    for run in s["experiments"]:
+        waits = f" (base from {run['base_of']})" if run.get("base_of") else ""
+        typer.echo(f"  {run['id']}  {run['status']:<10} {run['name']}{waits}")
+
+
 def results(
-    experiment_id: Annotated[str, typer.Argument(help="experiment id")],
+    experiment_id: Annotated[str, typer.Argument(help="experiment or study id")],
     out: Annotated[Path | None, typer.Option(help=f"write {RESULTS_FILE} here instead of printing it")] = None,
 ) -> None:
-    """Print (or save) the results.json of a succeeded experiment."""
-    content = _request("GET", f"/results/{experiment_id}")
+    """Print (or save) the results.json of a succeeded experiment, or a study's (as far as its runs have got)."""
+    _, content = _either("GET", experiment_id, "/results/{id}", "/studies/{id}/results")
     text = json.dumps(content, indent=2)
     if out is None:
         typer.echo(text)
@@ -383,9 +478,9 @@ def results(
         typer.echo(f"wrote {out}")
 
 
-def cancel(experiment_id: Annotated[str, typer.Argument(help="experiment id")]) -> None:
-    """Cancel a queued or running experiment."""
-    e = _request("POST", f"/experiments/{experiment_id}/cancel")
+def cancel(experiment_id: Annotated[str, typer.Argument(help="experiment or study id")]) -> None:
+    """Cancel a queued or running experiment, or every unfinished run of a study."""
+    _, e = _either("POST", experiment_id, "/experiments/{id}/cancel", "/studies/{id}/cancel")
     typer.echo(f"{e['id']} {e['status']}")
 
 

@@ -10,7 +10,10 @@ One tick:
 3. for each watched run: poll the executor, copy new lines of ``events.jsonl`` / ``metrics.jsonl`` into the
    database (exactly once, see `service.store.ingest_events` / `upsert_metrics`), forward cancel requests
    (SIGTERM, then SIGKILL after ``cancel_grace_s``), and record the outcome once the process has ended;
-4. claim queued experiments while fewer than ``max_concurrent_experiments`` run here, and start them.
+4. fail the queued experiments whose base experiment ended without a pretrained base (a study's dependency
+   that can never be met), then claim ready experiments (queued, and their base experiment's pretrained base
+   finished, if they depend on one; `service.store.claim_next`) while fewer than ``max_concurrent_experiments``
+   run here, and start them. A study's runs that wait for a base never hold a slot: other ready work is claimed.
 
 Run it with ``python -m service.dispatcher`` (``igat serve`` starts one next to the API). It is the queue side
 of the service and reaches the workers only through an executor (`workers.executors`); this module imports
@@ -105,6 +108,7 @@ class Dispatcher:
                 self.service(watched)
             except Exception:
                 log.exception("while servicing experiment %s", watched.experiment_id)
+        self.fail_blocked_dependents()
         self.claim_and_start()
 
     # ------------------------------------------------------------------------------------------------ leases
@@ -185,6 +189,12 @@ class Dispatcher:
 
     def run_dir_of(self, experiment_id: str) -> Path:
         return rundir.run_dir_of(self.artifact_root, experiment_id)
+
+    def fail_blocked_dependents(self) -> None:
+        with session_scope(self.sessions) as session:
+            failed = store.fail_blocked_dependents(session)
+        for experiment in failed:
+            log.warning("experiment %s failed: %s", experiment.id, experiment.error)
 
     def claim_and_start(self) -> None:
         while len(self.watched) < self.settings.max_concurrent_experiments:

@@ -1,4 +1,6 @@
-"""The database schema (SQLAlchemy 2 typed ORM). The ``experiments`` table is also the queue.
+"""The database schema (SQLAlchemy 2 typed ORM). The ``experiments`` table is also the queue; a study is a row of
+``studies`` and the experiments its plan expands into (``study_id``, in plan order ``study_position``), some of them
+waiting on another experiment's pretrained base (``depends_on``, ready once ``base_ready_at`` is set).
 
 Change a model -> add an Alembic revision (``alembic -c service/alembic.ini revision --autogenerate``);
 ``tests/test_service_migrations.py`` fails when models and migrations drift.
@@ -80,7 +82,23 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[dict[str, Any]]: JSON()}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, doc="the validated StudySpec, defaults filled in")
+    plan: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, doc="the plan as submitted: name, arm, variant, point, base_of of each experiment, in plan order")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    cancel_requested_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Experiment(Base):
@@ -101,6 +119,13 @@ class Experiment(Base):
     executor_handle: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="executor-specific: pid, pgid, ...")
     run_dir: Mapped[str | None] = mapped_column(String(1024))
     error: Mapped[str | None] = mapped_column(Text)
+
+    study_id: Mapped[str | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_position: Mapped[int | None] = mapped_column(Integer, doc="0, 1, ... in the study's plan order")
+    depends_on: Mapped[str | None] = mapped_column(
+        ForeignKey("experiments.id"), index=True, doc="the experiment whose pretrained base this one loads")
+    base_ready_at: Mapped[datetime | None] = mapped_column(
+        doc="when this run's pretrained base was finished (its pretrain phase ended); dependents wait for it")
 
     last_seq: Mapped[int] = mapped_column(Integer, default=0, doc="seq of the newest event (allocated on this row)")
     events_ingested: Mapped[int] = mapped_column(Integer, default=0, doc=f"lines of {EVENTS_FILE} already stored")

@@ -1,4 +1,5 @@
-"""Response bodies of the REST API (requests are `igat_core.spec.ExperimentSpec` itself)."""
+"""Response bodies of the REST API (requests are `igat_core.spec.ExperimentSpec` and
+`igat_core.study_spec.StudySpec` themselves)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.models import Artifact, Event, Experiment, Metric
+from service import studies
+from service.models import Artifact, Event, Experiment, Metric, Study
 
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
@@ -28,6 +30,9 @@ class ExperimentOut(BaseModel):
     priority: int
     attempt: int = Field(description="starts so far; grows when a lost run is re-queued")
     error: str | None = None
+    study_id: str | None = Field(None, description="the study this experiment belongs to")
+    depends_on: str | None = Field(None, description="the experiment whose pretrained base this one loads; it is "
+                                   "claimed only once that base is ready")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -38,8 +43,8 @@ class ExperimentOut(BaseModel):
     def of(cls, e: Experiment) -> ExperimentOut:
         return cls(
             id=e.id, name=e.name, status=e.status, priority=e.priority, attempt=e.attempt, error=e.error,  # type: ignore[arg-type]
-            created_at=e.created_at, started_at=e.started_at, finished_at=e.finished_at, updated_at=e.updated_at,
-            links=_links(e.id),
+            study_id=e.study_id, depends_on=e.depends_on, created_at=e.created_at, started_at=e.started_at,
+            finished_at=e.finished_at, updated_at=e.updated_at, links=_links(e.id),
         )
 
 
@@ -102,6 +107,82 @@ class ArtifactOut(BaseModel):
 
 class ArtifactList(BaseModel):
     items: list[ArtifactOut]
+
+
+class StudyLinks(BaseModel):
+    self: str
+    results: str
+    cancel: str
+
+
+class StudyOut(BaseModel):
+    id: str
+    name: str
+    status: Status = Field(description="queued | running | cancelling while runs are unfinished; then succeeded "
+                           "(every run), cancelled (the study was cancelled) or failed")
+    priority: int
+    runs: int = Field(description="experiments in the study's plan")
+    counts: dict[Status, int] = Field(description="runs per status")
+    progress: float = Field(ge=0.0, le=1.0, description="the fraction of runs that have finished")
+    cancel_requested_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+    links: StudyLinks
+
+    @classmethod
+    def of(cls, s: Study, experiments: list[Experiment]) -> StudyOut:
+        return cls(
+            id=s.id, name=s.name, status=studies.study_status(s, experiments), priority=s.priority,  # type: ignore[arg-type]
+            runs=len(experiments), counts=studies.status_counts(experiments),  # type: ignore[arg-type]
+            progress=studies.progress(experiments), cancel_requested_at=s.cancel_requested_at,
+            created_at=s.created_at, updated_at=s.updated_at,
+            links=StudyLinks(self=f"/studies/{s.id}", results=f"/studies/{s.id}/results",
+                             cancel=f"/studies/{s.id}/cancel"),
+        )
+
+
+class StudyRunOut(BaseModel):
+    id: str
+    name: str
+    arm: str
+    variant: str | None = None
+    point: dict[str, Any] = Field(description="the grid point: field path -> value")
+    status: Status
+    attempt: int
+    base_of: str | None = Field(None, description="the planned experiment (by name) whose pretrained base it loads")
+    depends_on: str | None = Field(None, description="that experiment's id")
+    base_ready: bool = Field(description="this run's own pretrained base is finished (its dependents may start)")
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    links: Links
+
+    @classmethod
+    def of(cls, e: Experiment, planned: dict[str, Any]) -> StudyRunOut:
+        return cls(
+            id=e.id, name=e.name, arm=planned.get("arm", ""), variant=planned.get("variant"),
+            point=planned.get("point") or {}, status=e.status, attempt=e.attempt,  # type: ignore[arg-type]
+            base_of=planned.get("base_of"), depends_on=e.depends_on, base_ready=e.base_ready_at is not None,
+            error=e.error, started_at=e.started_at, finished_at=e.finished_at, links=_links(e.id),
+        )
+
+
+class StudyDetail(StudyOut):
+    spec: dict[str, Any] = Field(description="the validated StudySpec, defaults filled in")
+    experiments: list[StudyRunOut] = Field(description="the study's runs in plan order")
+
+    @classmethod
+    def of(cls, s: Study, experiments: list[Experiment]) -> StudyDetail:
+        plan = {row["name"]: row for row in s.plan}
+        return cls(**StudyOut.of(s, experiments).model_dump(), spec=s.spec,
+                   experiments=[StudyRunOut.of(e, plan.get(e.name, {})) for e in experiments])
+
+
+class StudyPage(BaseModel):
+    items: list[StudyOut]
+    total: int
+    limit: int
+    offset: int
 
 
 class Health(BaseModel):

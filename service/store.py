@@ -5,13 +5,19 @@ The state machine (one function, `transition`, performs every status change)::
     queued ──► running ──► succeeded | failed | cancelled
        │          │  └───► queued        (re-queued: dispatcher lost, run resumes from its checkpoints)
        │          └──────► cancelling ──► cancelled   (or succeeded | failed when the run finished first)
-       └─────────────────► cancelled
+       ├─────────────────► cancelled
+       └─────────────────► failed        (its base experiment ended without a pretrained base)
 
 Terminal states never change. Each transition is one conditional UPDATE (``WHERE status IN (sources)``), so
 two writers racing on one row cannot both win, on SQLite or PostgreSQL; the loser gets `IllegalTransition`.
 Each transition also appends a ``status`` event, whose sequence number is allocated on the experiment row
 (``last_seq``), the same counter the dispatcher uses for the run's own events: the SSE stream of an
 experiment is one gap-free sequence 1, 2, 3, ...
+
+Studies: `create_study` queues a study's experiments in plan order in one transaction; an experiment that loads
+another's pretrained base has ``depends_on``, and `claim_next` passes it over until that experiment's
+``base_ready_at`` is set (its pretrain phase finished, `ingest_events`; or it succeeded, `transition`).
+`fail_blocked_dependents` fails the queued ones whose base experiment ended without a base.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from igat_core.rundir import artifact_files
+from igat_core.rundir import artifact_files, model_checkpoint, run_dir_of
+from igat_core.study_spec import PlannedExperiment, with_base_checkpoint
 from service.models import (
     ACTIVE,
     CANCELLED,
@@ -42,13 +49,15 @@ from service.models import (
     Event,
     Experiment,
     Metric,
+    Study,
+    new_id,
     utcnow,
 )
 from workers.executors.processes import alive
 
 #: from-state -> the states it may move to. Terminal states have no way out.
 ALLOWED: dict[str, frozenset[str]] = {
-    QUEUED: frozenset({RUNNING, CANCELLED}),
+    QUEUED: frozenset({RUNNING, CANCELLED, FAILED}),
     RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, CANCELLING, QUEUED}),
     CANCELLING: frozenset({CANCELLED, SUCCEEDED, FAILED}),
     SUCCEEDED: frozenset(),
@@ -57,13 +66,21 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 MAX_MESSAGE = 10_000
+#: the phase of a run that makes its base ensemble (the Runner's), whose end makes the experiment's base ready
+PRETRAIN = "pretrain"
 
 
 class NotFound(LookupError):
+    what = "experiment"
+
     def __init__(self, experiment_id: str):
         self.experiment_id = experiment_id
         shown = experiment_id if len(experiment_id) <= 64 else experiment_id[:64] + "..."
-        super().__init__(f"no experiment with id {shown!r}")
+        super().__init__(f"no {self.what} with id {shown!r}")
+
+
+class StudyNotFound(NotFound):
+    what = "study"
 
 
 class IllegalTransition(RuntimeError):
@@ -75,12 +92,16 @@ class IllegalTransition(RuntimeError):
 
 
 class IdempotencyConflict(ValueError):
-    def __init__(self, key: str, existing_id: str):
+    def __init__(self, key: str, existing_id: str, what: str = "experiment"):
         self.key = key
         self.existing_id = existing_id
-        super().__init__(
-            f"Idempotency-Key {key!r} was already used for a different request (experiment {existing_id})"
-        )
+        super().__init__(f"Idempotency-Key {key!r} was already used for a different request ({what} {existing_id})")
+
+
+class StudyFinished(RuntimeError):
+    def __init__(self, study_id: str):
+        self.study_id = study_id
+        super().__init__(f"every experiment of study {study_id} has already finished; nothing to cancel")
 
 
 def plausible_id(experiment_id: str) -> bool:
@@ -132,6 +153,8 @@ def transition(
         if current is None:
             raise NotFound(experiment_id)
         raise IllegalTransition(experiment_id, current, to)
+    if to == SUCCEEDED:
+        mark_base_ready(session, experiment_id)
     text = message or f"status: {to}"
     session.add(
         Event(
@@ -171,20 +194,8 @@ def create_experiment(
         existing = _by_key(session, idempotency_key, request_hash)
         if existing is not None:
             return existing, False
-    now = utcnow()
-    experiment = Experiment(
-        name=name,
-        spec=spec,
-        status=QUEUED,
-        priority=priority,
-        attempt=0,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        last_seq=1,
-        events_ingested=0,
-        created_at=now,
-        updated_at=now,
-    )
+    experiment = _queued(name=name, spec=spec, priority=priority, now=utcnow(), idempotency_key=idempotency_key,
+                         request_hash=request_hash)
     try:
         with session.begin_nested():
             session.add(experiment)
@@ -197,12 +208,19 @@ def create_experiment(
         if existing is None:
             raise
         return existing, False
-    session.add(
-        Event(experiment_id=experiment.id, seq=1, time=now, kind="status", message="status: queued",
-              data={"status": QUEUED})
-    )
+    _add_queued_event(session, experiment)
     session.flush()
     return experiment, True
+
+
+def _queued(*, name: str, spec: dict[str, Any], priority: int, now: datetime, **fields: Any) -> Experiment:
+    return Experiment(name=name, spec=spec, status=QUEUED, priority=priority, attempt=0, last_seq=1,
+                      events_ingested=0, created_at=now, updated_at=now, **fields)
+
+
+def _add_queued_event(session: Session, experiment: Experiment) -> None:
+    session.add(Event(experiment_id=experiment.id, seq=1, time=experiment.created_at, kind="status",
+                      message="status: queued", data={"status": QUEUED}))
 
 
 def _by_key(session: Session, key: str, request_hash: str | None) -> Experiment | None:
@@ -263,6 +281,152 @@ def list_artifacts(session: Session, experiment_id: str) -> list[Artifact]:
     )
 
 
+# ---------------------------------------------------------------------------------------------------- studies
+
+
+def create_study(
+    session: Session,
+    *,
+    spec: dict[str, Any],
+    plan: Sequence[PlannedExperiment],
+    artifact_root: Path,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> tuple[Study, bool]:
+    """Insert a study and its experiments, queued in plan order; returns (study, created).
+
+    An experiment whose plan names a `base_of` depends on that experiment and loads its pretrained base from the
+    run directory the dispatcher gives it (``artifact_root`` must be the dispatcher's). Idempotency as in
+    `create_experiment`.
+    """
+    if idempotency_key is not None:
+        existing = _study_by_key(session, idempotency_key, request_hash)
+        if existing is not None:
+            return existing, False
+    now = utcnow()
+    study = Study(id=new_id(), name=spec["name"], spec=spec, plan=[_plan_row(p) for p in plan], priority=priority,
+                  idempotency_key=idempotency_key, request_hash=request_hash, created_at=now, updated_at=now)
+    try:
+        with session.begin_nested():
+            session.add(study)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = _study_by_key(session, idempotency_key, request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    experiments = _study_experiments(study, plan, Path(artifact_root).resolve(), now)
+    session.add_all(experiments)
+    session.flush()
+    for experiment in experiments:
+        _add_queued_event(session, experiment)
+    session.flush()
+    return study, True
+
+
+def _plan_row(planned: PlannedExperiment) -> dict[str, Any]:
+    return {"name": planned.name, "arm": planned.arm, "variant": planned.variant, "point": dict(planned.point),
+            "base_of": planned.base_of}
+
+
+def _study_experiments(study: Study, plan: Sequence[PlannedExperiment], artifact_root: Path,
+                       now: datetime) -> list[Experiment]:
+    ids = {planned.name: new_id() for planned in plan}
+    experiments = []
+    for position, planned in enumerate(plan):
+        spec, depends_on = planned.spec, ids[planned.base_of] if planned.base_of else None
+        if depends_on is not None:
+            checkpoint = run_dir_of(artifact_root, depends_on) / model_checkpoint("base")
+            spec = with_base_checkpoint(spec, str(checkpoint))
+        experiments.append(_queued(name=planned.name, spec=spec.model_dump(mode="json"), priority=study.priority,
+                                   now=now, id=ids[planned.name], study_id=study.id, study_position=position,
+                                   depends_on=depends_on))
+    return experiments
+
+
+def _study_by_key(session: Session, key: str, request_hash: str | None) -> Study | None:
+    existing = session.scalar(select(Study).where(Study.idempotency_key == key))
+    if existing is not None and existing.request_hash != request_hash:
+        raise IdempotencyConflict(key, existing.id, what="study")
+    return existing
+
+
+def get_study(session: Session, study_id: str) -> Study:
+    if not plausible_id(study_id):
+        raise StudyNotFound(study_id)
+    study = session.get(Study, study_id)
+    if study is None:
+        raise StudyNotFound(study_id)
+    return study
+
+
+def list_studies(session: Session, *, limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
+    total = session.scalar(select(func.count()).select_from(Study)) or 0
+    rows = session.scalars(select(Study).order_by(Study.created_at.desc(), Study.id).limit(limit).offset(offset))
+    return list(rows), total
+
+
+def study_experiments(session: Session, study_ids: Sequence[str]) -> dict[str, list[Experiment]]:
+    """The experiments of each study, in plan order."""
+    found: dict[str, list[Experiment]] = {study_id: [] for study_id in study_ids}
+    if not study_ids:
+        return found
+    rows = session.scalars(select(Experiment).where(Experiment.study_id.in_(list(study_ids)))
+                           .order_by(Experiment.study_id, Experiment.study_position))
+    for row in rows:
+        found[row.study_id].append(row)  # type: ignore[index]
+    return found
+
+
+def request_study_cancel(session: Session, study_id: str) -> Study:
+    """Cancel every unfinished experiment of the study (`request_cancel` each); `StudyFinished` when none is."""
+    study = get_study(session, study_id)
+    pending = [e.id for e in study_experiments(session, [study_id])[study_id] if e.status not in TERMINAL]
+    if not pending:
+        raise StudyFinished(study_id)
+    for experiment_id in pending:
+        try:
+            request_cancel(session, experiment_id)
+        except IllegalTransition:
+            continue  # it finished meanwhile
+    session.execute(update(Study).where(Study.id == study_id, Study.cancel_requested_at.is_(None))
+                    .values(cancel_requested_at=utcnow(), updated_at=utcnow())
+                    .execution_options(synchronize_session=False))
+    return session.get(Study, study_id, populate_existing=True) or study
+
+
+def mark_base_ready(session: Session, experiment_id: str) -> None:
+    """Record that the experiment's pretrained base is finished (once: the first time counts)."""
+    session.execute(update(Experiment)
+                    .where(Experiment.id == experiment_id, Experiment.base_ready_at.is_(None))
+                    .values(base_ready_at=utcnow())
+                    .execution_options(synchronize_session=False))
+
+
+def fail_blocked_dependents(session: Session) -> list[Experiment]:
+    """Fail the queued experiments whose base experiment ended (failed, cancelled) without a pretrained base:
+    their dependency can never be met. Returns them."""
+    base = aliased(Experiment)
+    blocked = session.execute(
+        select(Experiment.id, base.id, base.name, base.status)
+        .join(base, Experiment.depends_on == base.id)
+        .where(Experiment.status == QUEUED, base.status.in_(sorted(TERMINAL)), base.base_ready_at.is_(None))
+        .order_by(Experiment.created_at, Experiment.study_position, Experiment.id)
+    ).all()
+    failed = []
+    for experiment_id, base_id, base_name, base_status in blocked:
+        why = f"its base experiment {base_name} ({base_id}) was {base_status} before its pretrained base was ready"
+        try:
+            failed.append(transition(session, experiment_id, FAILED, from_=[QUEUED], message=f"failed: {why}",
+                                     error=why))
+        except IllegalTransition:
+            continue  # cancelled or failed by someone else meanwhile
+    return failed
+
+
 # ----------------------------------------------------------------------------------------------------- cancel
 
 
@@ -309,20 +473,17 @@ def owner_is_dead(owner: str | None) -> bool:
 
 
 def claim_next(session: Session, *, owner: str, lease_s: float, executor: str) -> Experiment | None:
-    """Claim the oldest queued experiment of the highest priority, or return None.
+    """Claim the best ready experiment, or return None.
 
-    PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent dispatchers never wait on each other.
-    SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE) and the UPDATE is a
-    compare-and-swap on ``status='queued'``, so a row is claimed at most once either way.
+    Ready: queued, and either independent or depending on an experiment whose pretrained base is finished
+    (``base_ready_at``). Best: highest priority, then oldest, then first in its study's plan, then id, so the order
+    is the same on every backend. PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent dispatchers
+    never wait on each other. SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE) and the
+    UPDATE is a compare-and-swap on ``status='queued'``, so a row is claimed at most once either way.
     """
     postgres = session.get_bind().dialect.name == "postgresql"
     for _ in range(8):
-        query = (
-            select(Experiment.id)
-            .where(Experiment.status == QUEUED)
-            .order_by(Experiment.priority.desc(), Experiment.created_at, Experiment.id)
-            .limit(1)
-        )
+        query = select(Experiment.id).where(Experiment.status == QUEUED, _ready()).order_by(*CLAIM_ORDER).limit(1)
         if postgres:
             query = query.with_for_update(skip_locked=True)
         candidate = session.scalar(query)
@@ -346,6 +507,17 @@ def claim_next(session: Session, *, owner: str, lease_s: float, executor: str) -
         except IllegalTransition:
             continue  # lost the race for this row; look again
     return None
+
+
+CLAIM_ORDER = (Experiment.priority.desc(), Experiment.created_at, Experiment.study_position.asc().nulls_first(),
+               Experiment.id)
+
+
+def _ready() -> ColumnElement[bool]:
+    """No dependency, or one whose pretrained base is finished."""
+    base = aliased(Experiment)
+    return Experiment.depends_on.is_(None) | (
+        select(base.id).where(base.id == Experiment.depends_on, base.base_ready_at.is_not(None)).exists())
 
 
 def renew_leases(session: Session, *, owner: str, ids: Sequence[str], lease_s: float) -> set[str]:
@@ -479,7 +651,8 @@ def ingest_events(session: Session, experiment_id: str, *, expected_ingested: in
 
     The counter ``events_ingested`` moves in the same transaction as the inserts, with a compare-and-swap on
     its old value: a restarted dispatcher continues after the last stored line, and a stale one stores
-    nothing (returns False; it should re-read the counter).
+    nothing (returns False; it should re-read the counter). The line that says the pretrain phase finished
+    marks the experiment's base ready in the same transaction (`mark_base_ready`).
     """
     if not events:
         return True
@@ -499,6 +672,8 @@ def ingest_events(session: Session, experiment_id: str, *, expected_ingested: in
               message=e.message, data=e.data)
         for i, e in enumerate(events)
     )
+    if any(e.phase == PRETRAIN and e.kind == "finished" for e in events):
+        mark_base_ready(session, experiment_id)
     session.flush()
     return True
 
