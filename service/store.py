@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -66,6 +66,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 MAX_MESSAGE = 10_000
+T = TypeVar("T")
 #: the phase of a run that makes its base ensemble (the Runner's), whose end makes the experiment's base ready
 PRETRAIN = "pretrain"
 
@@ -176,6 +177,24 @@ def transition(
 # ----------------------------------------------------------------------------------------------- submit / read
 
 
+def _insert_once(session: Session, row: T, earlier: Callable[[], T | None] | None) -> tuple[T, bool]:
+    """Insert `row`, or return the row an earlier request with the same idempotency key made (`earlier` finds
+    it; also when that request committed between the look-up and the insert); (row, created)."""
+    found = earlier() if earlier is not None else None
+    if found is not None:
+        return found, False
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        found = earlier() if earlier is not None else None
+        if found is None:
+            raise
+        return found, False
+    return row, True
+
+
 def create_experiment(
     session: Session,
     *,
@@ -190,24 +209,12 @@ def create_experiment(
     With an idempotency key already used for the same ``request_hash`` the first experiment comes back with
     ``created=False``; for another hash, `IdempotencyConflict`.
     """
-    if idempotency_key is not None:
-        existing = _by_key(session, idempotency_key, request_hash)
-        if existing is not None:
-            return existing, False
     experiment = _queued(name=name, spec=spec, priority=priority, now=utcnow(), idempotency_key=idempotency_key,
                          request_hash=request_hash)
-    try:
-        with session.begin_nested():
-            session.add(experiment)
-            session.flush()
-    except IntegrityError:
-        # Another request with the same key committed between our look-up and insert.
-        if idempotency_key is None:
-            raise
-        existing = _by_key(session, idempotency_key, request_hash)
-        if existing is None:
-            raise
-        return existing, False
+    earlier = (lambda: _by_key(session, idempotency_key, request_hash)) if idempotency_key is not None else None
+    experiment, created = _insert_once(session, experiment, earlier)
+    if not created:
+        return experiment, False
     _add_queued_event(session, experiment)
     session.flush()
     return experiment, True
@@ -300,24 +307,13 @@ def create_study(
     run directory the dispatcher gives it (``artifact_root`` must be the dispatcher's). Idempotency as in
     `create_experiment`.
     """
-    if idempotency_key is not None:
-        existing = _study_by_key(session, idempotency_key, request_hash)
-        if existing is not None:
-            return existing, False
     now = utcnow()
     study = Study(id=new_id(), name=spec["name"], spec=spec, plan=[_plan_row(p) for p in plan], priority=priority,
                   idempotency_key=idempotency_key, request_hash=request_hash, created_at=now, updated_at=now)
-    try:
-        with session.begin_nested():
-            session.add(study)
-            session.flush()
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        existing = _study_by_key(session, idempotency_key, request_hash)
-        if existing is None:
-            raise
-        return existing, False
+    earlier = (lambda: _study_by_key(session, idempotency_key, request_hash)) if idempotency_key is not None else None
+    study, created = _insert_once(session, study, earlier)
+    if not created:
+        return study, False
     experiments = _study_experiments(study, plan, Path(artifact_root).resolve(), now)
     session.add_all(experiments)
     session.flush()
