@@ -211,6 +211,11 @@ class ResourcesSpec(_Strict):
             self.threads = default_threads(self.cpus_per_worker)
         return self
 
+    @property
+    def requested_cpus(self) -> float:
+        """What the run holds while it trains: its workers' CPUs, or its threads when that is more (one process)."""
+        return max(self.num_workers * self.cpus_per_worker, float(self.threads or 1))
+
 
 TuneMode = Literal["grid", "random", "asha"]
 

@@ -132,6 +132,8 @@ def _start_ray(settings: Any, num_cpus: int | None) -> Any:
         _fail(f"igat serve: could not start a local Ray head: {exc}")
     os.environ["IGAT_RAY_ADDRESS"] = head.dashboard_url
     os.environ["RAY_AUTH_MODE"] = ray_auth_mode()  # the dispatcher's Ray clients match the head
+    if settings.max_concurrent_cpus is None:
+        os.environ["IGAT_MAX_CONCURRENT_CPUS"] = str(num_cpus or os.cpu_count() or 1)
     (log_path.parent / "ray-head.pid").write_text(f"{head.process.pid}\n")
     typer.echo(f"igat serve: local Ray head up at {head.gcs_address}, dashboard {head.dashboard_url} "
                f"(log {log_path})")

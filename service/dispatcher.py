@@ -13,7 +13,8 @@ One tick:
 4. fail the queued experiments whose base experiment ended without a pretrained base (a study's dependency
    that can never be met), then claim ready experiments (queued, and their base experiment's pretrained base
    finished, if they depend on one; `service.store.claim_next`) while fewer than ``max_concurrent_experiments``
-   run here, and start them. A study's runs that wait for a base never hold a slot: other ready work is claimed.
+   run here and the next one's ``resources`` fit in what ``max_concurrent_cpus`` leaves, and start them. A
+   study's runs that wait for a base never hold a slot: other ready work is claimed.
 
 Run it with ``python -m service.dispatcher`` (``igat serve`` starts one next to the API). It is the queue side
 of the service and reaches the workers only through an executor (`workers.executors`); this module imports
@@ -62,6 +63,7 @@ class Watched:
     metrics_signature: tuple[int, int] | None = None
     metrics_sent: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     cancel_sent_at: float | None = None
+    cpus: float = 1.0  # resources.requested_cpus of its spec
 
 
 class Dispatcher:
@@ -137,7 +139,8 @@ class Dispatcher:
         run_dir = Path(experiment.run_dir) if experiment.run_dir else self.run_dir_of(experiment.id)
         handle = experiment.executor_handle or self.executor.find(run_dir)
         if handle is not None and self.executor.attach(handle):
-            watched = Watched(experiment.id, handle, run_dir, experiment.attempt)
+            watched = Watched(experiment.id, handle, run_dir, experiment.attempt,
+                              cpus=store.requested_cpus(experiment.spec))
             self.watched[experiment.id] = watched
             with session_scope(self.sessions) as session:
                 store.set_fields(session, experiment.id, executor_handle=handle, run_dir=str(run_dir))
@@ -196,12 +199,17 @@ class Dispatcher:
         for experiment in failed:
             log.warning("experiment %s failed: %s", experiment.id, experiment.error)
 
+    def free_cpus(self) -> float | None:
+        """CPUs left under ``max_concurrent_cpus``; None (no limit) when unset or when nothing runs here."""
+        if self.settings.max_concurrent_cpus is None or not self.watched:
+            return None
+        return self.settings.max_concurrent_cpus - sum(w.cpus for w in self.watched.values())
+
     def claim_and_start(self) -> None:
         while len(self.watched) < self.settings.max_concurrent_experiments:
             with session_scope(self.sessions) as session:
-                experiment = store.claim_next(
-                    session, owner=self.owner, lease_s=self.settings.lease_s, executor=self.executor.name
-                )
+                experiment = store.claim_next(session, owner=self.owner, lease_s=self.settings.lease_s,
+                                              executor=self.executor.name, free_cpus=self.free_cpus())
             if experiment is None:
                 return
             self.start(experiment)
@@ -219,7 +227,8 @@ class Dispatcher:
                     message=f"failed to start: {exc}", error=f"could not start the run: {exc}", run_dir=str(run_dir),
                 )
             return
-        self.watched[experiment.id] = Watched(experiment.id, handle, run_dir, experiment.attempt)
+        self.watched[experiment.id] = Watched(experiment.id, handle, run_dir, experiment.attempt,
+                                              cpus=store.requested_cpus(experiment.spec))
         with session_scope(self.sessions) as session:
             store.set_fields(session, experiment.id, executor_handle=handle, run_dir=str(run_dir))
             detail = f" (pid {handle['pid']})" if "pid" in handle else ""

@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from igat_core.rundir import artifact_files, model_checkpoint, run_dir_of
+from igat_core.spec import ResourcesSpec
 from igat_core.study_spec import PlannedExperiment, with_base_checkpoint
 from service.models import (
     ACTIVE,
@@ -468,22 +469,30 @@ def owner_is_dead(owner: str | None) -> bool:
     return pid != os.getpid() and not alive(pid)
 
 
-def claim_next(session: Session, *, owner: str, lease_s: float, executor: str) -> Experiment | None:
+def claim_next(session: Session, *, owner: str, lease_s: float, executor: str,
+               free_cpus: float | None = None) -> Experiment | None:
     """Claim the best ready experiment, or return None.
 
     Ready: queued, and either independent or depending on an experiment whose pretrained base is finished
     (``base_ready_at``). Best: highest priority, then oldest, then first in its study's plan, then id, so the order
-    is the same on every backend. PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent dispatchers
+    is the same on every backend. With ``free_cpus``, the best one is claimed only if its
+    ``resources.requested_cpus`` fit (no smaller run overtakes it: the order stays the queue's).
+
+    PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent dispatchers
     never wait on each other. SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE) and the
     UPDATE is a compare-and-swap on ``status='queued'``, so a row is claimed at most once either way.
     """
     postgres = session.get_bind().dialect.name == "postgresql"
     for _ in range(8):
-        query = select(Experiment.id).where(Experiment.status == QUEUED, _ready()).order_by(*CLAIM_ORDER).limit(1)
+        query = (select(Experiment.id, Experiment.spec).where(Experiment.status == QUEUED, _ready())
+                 .order_by(*CLAIM_ORDER).limit(1))
         if postgres:
             query = query.with_for_update(skip_locked=True)
-        candidate = session.scalar(query)
-        if candidate is None:
+        row = session.execute(query).first()
+        if row is None:
+            return None
+        candidate, spec = row
+        if free_cpus is not None and requested_cpus(spec) > free_cpus:
             return None
         now = utcnow()
         try:
@@ -503,6 +512,15 @@ def claim_next(session: Session, *, owner: str, lease_s: float, executor: str) -
         except IllegalTransition:
             continue  # lost the race for this row; look again
     return None
+
+
+def requested_cpus(spec: dict[str, Any]) -> float:
+    """The CPUs a stored (resolved) spec's run holds: `ResourcesSpec.requested_cpus` (1 for a row it cannot read:
+    the run itself then fails with the reason, and the queue goes on)."""
+    try:
+        return ResourcesSpec.model_validate(spec.get("resources") or {}).requested_cpus
+    except (AttributeError, ValueError):
+        return 1.0
 
 
 CLAIM_ORDER = (Experiment.priority.desc(), Experiment.created_at, Experiment.study_position.asc().nulls_first(),

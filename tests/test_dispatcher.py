@@ -115,6 +115,37 @@ def test_priority_and_concurrency_limit(tmp_path, sqlite_url, fake_runner):
     drive(dispatcher, sessions, low, {"succeeded"})
 
 
+def test_runs_start_only_while_their_resources_fit_the_cpu_limit(tmp_path, sqlite_url, fake_runner):
+    """Limit 3 CPUs: a 2-CPU run and a 1-CPU run fill it; the next 2-CPU run waits (the 1-CPU run queued behind it
+    does not overtake it) until one finishes; a 5-CPU run, larger than the limit, starts once nothing runs."""
+    sessions = make_session_factory(create_schema(sqlite_url))
+    settings = make_settings(tmp_path, sqlite_url, runner_command=fake_runner, max_concurrent_experiments=8,
+                             max_concurrent_cpus=3.0)
+    dispatcher = Dispatcher(settings, session_factory=sessions)
+
+    def run(cpus: float, epochs: int = 2) -> str:
+        return queue(sessions, {**fake_spec("ok", epochs), "resources": {"cpus_per_worker": cpus}})
+
+    first, second, third, small, big = run(2.0), run(1.0), run(2.0), run(1.0), run(5.0)
+    dispatcher.tick()
+    assert set(dispatcher.watched) == {first, second}
+    assert [status_of(sessions, e).status for e in (third, small, big)] == ["queued"] * 3
+    drive(dispatcher, sessions, big, {"succeeded"})
+    runs = {e: status_of(sessions, e) for e in (first, second, third, small, big)}
+    assert all(r.status == "succeeded" for r in runs.values())
+    start, end = ({e: getattr(r, key) for e, r in runs.items()} for key in ("started_at", "finished_at"))
+    assert start[third] >= end[first]  # 1 CPU left while the 2-CPU run ran
+    assert start[small] >= start[third]  # fitted earlier, but behind the 2-CPU run in the queue
+    assert start[big] >= max(end[e] for e in (first, second, third, small))
+
+
+def test_requested_cpus_are_the_workers_cpus_or_the_threads():
+    assert store.requested_cpus({"resources": {"num_workers": 3, "cpus_per_worker": 1.5}}) == 4.5
+    assert store.requested_cpus({"resources": {"cpus_per_worker": 0.5, "threads": 2}}) == 2.0
+    assert store.requested_cpus({}) == 1.0
+    assert store.requested_cpus({"resources": {"num_workers": "many"}}) == 1.0
+
+
 # -------------------------------------------------------------------------------------------------- cancel
 
 
