@@ -8,6 +8,8 @@ local cluster (IGAT_RAY_ADDRESS), on SQLite.
 - cancelling a running experiment stops its Ray job (STOPPED), well within 30 seconds;
 - killing the runner (the job's driver) mid-phase re-queues the experiment, and the next attempt (a new Ray
   job) resumes the same Ray Train run from the last epoch checkpoint;
+- a study (one seed, the iGAT arm and beta = 0 sharing one base) runs as Ray jobs: the second arm waits in the
+  queue for the first one's base and loads it, and the study's tables equal `igat study`'s in this process;
 - a cut-down quickstart gives the same weights and the same accuracies, to the bit, through the service on Ray
   (one Train worker) as through igat_core's Runner in this process, both with the resolved `resources.threads`.
 """
@@ -246,3 +248,34 @@ def test_a_spec_gives_the_same_numbers_in_process_and_through_the_service_on_ray
         assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here), checkpoint
     assert local["spec"]["resources"]["threads"] == remote["spec"]["resources"]["threads"] == 1
     assert local["runtime"] == remote["runtime"] and local["runtime"]["threads"] == 1
+
+
+@pytest.mark.timeout(600)
+def test_a_study_runs_as_ray_jobs_sharing_one_base_and_gives_igat_study_s_tables(served, tmp_path):
+    from igat_core.study import run_study
+    from igat_core.study_spec import parse_study
+    from tests.test_service_studies import TINY_EXPERIMENT
+
+    study = {"name": "ray-study", "experiment": TINY_EXPERIMENT, "grid": {"seed": [0]},
+             "arms": {"igat": {}, "beta0": {"igat.beta": 0}}, "tables": ["table3"]}
+    with served.client() as client:
+        r = client.post("/studies", json=study, headers=AUTH)
+        assert r.status_code == 202, r.text
+        study_id = r.json()["id"]
+        done = wait_for(lambda: (d := client.get(f"/studies/{study_id}").json())["status"] not in
+                        ("queued", "running", "cancelling") and d, 420, interval=1.0, what="the study on Ray")
+        record = client.get(f"/studies/{study_id}/results").json()
+    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 2, done
+    runs = {run["name"]: run for run in done["experiments"]}
+    base, dependent = runs["ray-study-seed0-igat"], runs["ray-study-seed0-beta0"]
+    assert dependent["depends_on"] == base["id"]
+    base_dir = Path(served.settings.artifact_root).resolve() / base["id"]
+    loaded = json.loads((Path(served.settings.artifact_root) / dependent["id"] / "state.json").read_text())
+    assert loaded["phases"]["pretrain"]["loaded"] == str(base_dir / "checkpoints/base/ensemble.pt")
+    for run in runs.values():
+        handle = json.loads((Path(served.settings.artifact_root) / run["id"] / "executor.json").read_text())
+        assert handle["executor"] == "ray" and handle["submission_id"] == f"igat-{run['id']}-1"
+
+    local = run_study(parse_study(study), tmp_path / "local", progress=False, echo=lambda _line: None)
+    assert record["counts"] == {"planned": 2, "succeeded": 2, "pending": 0, "failed": 0}
+    assert local["table3"] == record["table3"] and {row["n"] for row in record["table3"]} == {1}
