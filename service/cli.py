@@ -429,18 +429,12 @@ def _format_event(e: dict[str, Any]) -> str:
 
 def status(
     experiment_id: Annotated[str | None, typer.Argument(help="experiment or study id; omit to list recent "
-                                                        "experiments")] = None,
+                                                        "studies and experiments")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
 ) -> None:
-    """Show one experiment or study (each run's status), or list the most recent experiments."""
+    """Show one experiment or study (each run's status), or list the most recent studies and experiments."""
     if experiment_id is None:
-        page = _request("GET", "/experiments", params={"limit": 20})
-        if as_json:
-            typer.echo(json.dumps(page, indent=2))
-            return
-        for e in page["items"]:
-            typer.echo(f"{e['id']}  {e['status']:<10} {e['name']}  (created {e['created_at'][:19]})")
-        typer.echo(f"{len(page['items'])} of {page['total']} experiment(s)")
+        _print_recent(as_json)
         return
     kind, e = _either("GET", experiment_id, "/experiments/{id}", "/studies/{id}")
     if as_json:
@@ -455,6 +449,22 @@ def status(
             typer.echo(f"  {key.replace('_at', ''):<9} {e[key]}")
     if e.get("error"):
         typer.echo(f"  error:    {e['error']}")
+
+
+def _print_recent(as_json: bool) -> None:
+    studies = _request("GET", "/studies", params={"limit": 10})
+    page = _request("GET", "/experiments", params={"limit": 20})
+    if as_json:
+        typer.echo(json.dumps({"studies": studies, "experiments": page}, indent=2))
+        return
+    for s in studies["items"]:
+        typer.echo(f"{s['id']}  {s['status']:<10} study {s['name']}  ({s['progress']:.0%} of {s['runs']} runs "
+                   f"finished; created {s['created_at'][:19]})")
+    if studies["total"]:
+        typer.echo(f"{len(studies['items'])} of {studies['total']} studies")
+    for e in page["items"]:
+        typer.echo(f"{e['id']}  {e['status']:<10} {e['name']}  (created {e['created_at'][:19]})")
+    typer.echo(f"{len(page['items'])} of {page['total']} experiment(s)")
 
 
 def _print_study(s: dict[str, Any]) -> None:

@@ -415,6 +415,10 @@ def test_the_igat_client_submits_shows_and_cancels_a_study(client, monkeypatch, 
     shown = runner.invoke(app, ["status", study_id]).output
     assert f"{study_id}  study abl" in shown and f"queued     {D0} (base from {B0})" in shown
     assert json.loads(runner.invoke(app, ["results", study_id]).output)["counts"]["pending"] == 4
+    recent = runner.invoke(app, ["status"]).output.splitlines()
+    assert recent[0].startswith(f"{study_id}  queued     study abl  (0% of 4 runs finished; created ")
+    assert recent[1] == "1 of 1 studies" and recent[-1] == "4 of 4 experiment(s)"
+    assert sum(f"queued     {name}  (created " in line for line in recent for name in (B0, D0, B1, D1)) == 4
     assert runner.invoke(app, ["cancel", study_id]).output.strip() == f"{study_id} cancelled"
     again = runner.invoke(app, ["cancel", study_id])
     assert again.exit_code == 1 and "already finished" in again.output
