@@ -278,6 +278,9 @@ def settings_env(settings) -> dict[str, str]:
         env["IGAT_API_TOKEN"] = settings.api_token.get_secret_value()
     if settings.ray_address:
         env["IGAT_RAY_ADDRESS"] = settings.ray_address
+    env["IGAT_MAX_CONCURRENT_EXPERIMENTS"] = str(settings.max_concurrent_experiments)
+    if settings.max_concurrent_cpus is not None:
+        env["IGAT_MAX_CONCURRENT_CPUS"] = str(settings.max_concurrent_cpus)
     return env
 
 

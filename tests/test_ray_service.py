@@ -8,8 +8,9 @@ local cluster (IGAT_RAY_ADDRESS), on SQLite.
 - cancelling a running experiment stops its Ray job (STOPPED), well within 30 seconds;
 - killing the runner (the job's driver) mid-phase re-queues the experiment, and the next attempt (a new Ray
   job) resumes the same Ray Train run from the last epoch checkpoint;
-- a study (one seed, the iGAT arm and beta = 0 sharing one base) runs as Ray jobs: the second arm waits in the
-  queue for the first one's base and loads it, and the study's tables equal `igat study`'s in this process;
+- a study (two methods x two seeds, the iGAT arm and beta = 0 sharing each seed's base) runs as Ray jobs, two at a
+  time: the beta = 0 runs wait in the queue for their base and load it, and the study's tables equal
+  `igat study`'s in this process;
 - a cut-down quickstart gives the same weights and the same accuracies, to the bit, through the service on Ray
   (one Train worker) as through igat_core's Runner in this process, both with the resolved `resources.threads`.
 """
@@ -54,7 +55,8 @@ def tiny_spec(name: str, *, pretrain_epochs: int, train_limit: int | None, tune:
 def served(ray_cluster, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ray_service")
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'igat.db'}", executor="ray",
-                             ray_address=ray_cluster.dashboard_url, dispatcher_poll_s=0.5, cancel_grace_s=15.0)
+                             ray_address=ray_cluster.dashboard_url, dispatcher_poll_s=0.5, cancel_grace_s=15.0,
+                             max_concurrent_experiments=2, max_concurrent_cpus=2.0)
     server = serve(tmp_path, settings)
     server.settings = settings
     try:
@@ -251,31 +253,41 @@ def test_a_spec_gives_the_same_numbers_in_process_and_through_the_service_on_ray
 
 
 @pytest.mark.timeout(600)
-def test_a_study_runs_as_ray_jobs_sharing_one_base_and_gives_igat_study_s_tables(served, tmp_path):
+def test_a_study_runs_as_ray_jobs_sharing_bases_and_gives_igat_study_s_tables(served, tmp_path):
+    """Two methods x two seeds x two arms: eight Ray jobs, two at a time (IGAT_MAX_CONCURRENT_CPUS 2, one CPU
+    each); each beta = 0 run waits for its seed's base and loads it; the tables equal `igat study`'s, run here
+    meanwhile."""
     from igat_core.study import run_study
     from igat_core.study_spec import parse_study
     from tests.test_service_studies import TINY_EXPERIMENT
 
-    study = {"name": "ray-study", "experiment": TINY_EXPERIMENT, "grid": {"seed": [0]},
-             "arms": {"igat": {}, "beta0": {"igat.beta": 0}}, "tables": ["table3"]}
+    study = {"name": "ray-study", "experiment": TINY_EXPERIMENT, "grid": {"seed": [0, 1]},
+             "variants": {"plain": {}, "adp": {"base.method": "adp"}},
+             "arms": {"igat": {}, "beta0": {"igat.beta": 0}}, "tables": ["table1", "table2", "table3"]}
     with served.client() as client:
         r = client.post("/studies", json=study, headers=AUTH)
         assert r.status_code == 202, r.text
         study_id = r.json()["id"]
-        done = wait_for(lambda: (d := client.get(f"/studies/{study_id}").json())["status"] not in
-                        ("queued", "running", "cancelling") and d, 420, interval=1.0, what="the study on Ray")
-        record = client.get(f"/studies/{study_id}/results").json()
-    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 2, done
-    runs = {run["name"]: run for run in done["experiments"]}
-    base, dependent = runs["ray-study-seed0-igat"], runs["ray-study-seed0-beta0"]
-    assert dependent["depends_on"] == base["id"]
-    base_dir = Path(served.settings.artifact_root).resolve() / base["id"]
-    loaded = json.loads((Path(served.settings.artifact_root) / dependent["id"] / "state.json").read_text())
-    assert loaded["phases"]["pretrain"]["loaded"] == str(base_dir / "checkpoints/base/ensemble.pt")
-    for run in runs.values():
-        handle = json.loads((Path(served.settings.artifact_root) / run["id"] / "executor.json").read_text())
-        assert handle["executor"] == "ray" and handle["submission_id"] == f"igat-{run['id']}-1"
-
     local = run_study(parse_study(study), tmp_path / "local", progress=False, echo=lambda _line: None)
-    assert record["counts"] == {"planned": 2, "succeeded": 2, "pending": 0, "failed": 0}
-    assert local["table3"] == record["table3"] and {row["n"] for row in record["table3"]} == {1}
+    with served.client() as client:
+        done = wait_for(lambda: (d := client.get(f"/studies/{study_id}").json())["status"] not in
+                        ("queued", "running", "cancelling") and d, 480, interval=1.0, what="the study on Ray")
+        record = client.get(f"/studies/{study_id}/results").json()
+    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 8, done
+    runs = {run["name"]: run for run in done["experiments"]}
+    root = Path(served.settings.artifact_root).resolve()
+    for variant in ("plain", "adp"):
+        for seed in (0, 1):
+            base, dependent = (runs[f"ray-study-{variant}-seed{seed}-{arm}"] for arm in ("igat", "beta0"))
+            assert dependent["depends_on"] == base["id"]
+            state = json.loads((root / dependent["id"] / "state.json").read_text())
+            assert state["phases"]["pretrain"]["loaded"] == str(root / base["id"] / "checkpoints/base/ensemble.pt")
+    for run in runs.values():
+        handle = json.loads((root / run["id"] / "executor.json").read_text())
+        assert handle["executor"] == "ray" and handle["submission_id"] == f"igat-{run['id']}-1"
+    spans = [(d["started_at"], d["finished_at"]) for d in (detail(served, run["id"]) for run in runs.values())]
+    assert max(sum(start <= t < end for start, end in spans) for t, _ in spans) == 2  # two at a time, never three
+    assert record["counts"] == {"planned": 8, "succeeded": 8, "pending": 0, "failed": 0}
+    for table in ("table1", "table2", "table3"):
+        assert local[table] == record[table], table
+    assert {(row["method"], row["n"]) for row in record["table3"]} == {("plain", 2), ("adp", 2)}

@@ -518,7 +518,7 @@ def test_a_study_through_the_service_survives_a_killed_dispatcher_and_matches_ig
     artifact_root = settings.artifact_root.resolve()
     spec_file = tmp_path / "ablation.yaml"
     spec_file.write_text(yaml.safe_dump(ABLATION, sort_keys=False))
-    served = serve(tmp_path, settings, {"IGAT_MAX_CONCURRENT_EXPERIMENTS": "2"})  # (not in settings_env)
+    served = serve(tmp_path, settings)
     engine = make_engine(sqlite_url)
     sessions = make_session_factory(engine)
     env = {**os.environ, "IGAT_API_URL": served.url, "IGAT_API_TOKEN": TOKEN, "IGAT_POLL_S": "0.5",
