@@ -29,12 +29,17 @@ The sanity checks (attacks.md section 6), each of which a faulty attack or model
 - `pgd_converged_<combiner>`: PGD-`steps` within 2 points of PGD-`sanity_pgd_steps` with restarts, on
   `sanity_examples` equidistant examples.
 - `monotone_in_eps_<combiner>`: the sweep's accuracy non-increasing in eps.
+- `learned_<combiner>`: natural accuracy at least twice chance c = 1 / classes (halfway from c to 100 % when
+  that is less) and above c by more than 3.09 binomial standard deviations over the evaluated examples (one-sided
+  p < 0.001): an untrained or collapsed ensemble passes every attack check (it leaves nothing to attack), and
+  this is the check it fails.
 Accuracy under an attack is not compared with natural accuracy: attacks run only on naturally correct examples,
 so it cannot exceed it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from dataclasses import dataclass, field, fields
@@ -55,6 +60,7 @@ BLACK_BOX_MARGIN = 0.5
 PGD_CONVERGENCE_MARGIN = 2.0
 NOISE_MARGIN = 1.0
 NOISE_DRAWS = 10
+LEARNED_Z = 3.09  # one-sided normal quantile at p = 0.001
 RESCORE_TOLERANCE = 0.05
 STRONG_PGD = "pgd-strong"
 NOISE = "uniform-noise"
@@ -124,12 +130,14 @@ class EnsembleEvaluation:
 class SanityEvidence:
     """What the sanity checks read besides the accuracies: the bounds of every attack's raw output; per combiner,
     (PGD-`steps` accuracy, strong PGD accuracy, examples) and accuracy under uniform noise; per combiner and attack
-    run, the re-scoring's (contradicted verdicts, verdicts re-scored)."""
+    run, the re-scoring's (contradicted verdicts, verdicts re-scored); the classes and examples evaluated."""
 
     bounds: OutputBounds = field(default_factory=OutputBounds)
     strong_pgd: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     noise: dict[str, float] = field(default_factory=dict)
     rescoring: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    classes: int = 0
+    examples: int = 0
 
 
 @dataclass
@@ -381,6 +389,7 @@ def evaluate_ensemble(ensemble: Ensemble, images: torch.Tensor, labels: torch.Te
     run = _EnsembleRun(ensemble.to(device).eval(), images, labels, config, device, progress, desc,
                        Path(state_dir) if state_dir is not None else None, attack_factory,
                        SurrogateMemo(len(labels)) if len(config.combiners) > 1 else None)
+    run.evidence.classes, run.evidence.examples = ensemble.config.num_classes, len(labels)
     result = EnsembleEvaluation(sweep_eps=tuple(config.eps_sweep))
     for combiner in sorted(config.combiners, key=lambda c: c != SurrogateMemo.SURROGATE):
         run.combiner(combiner, result)
@@ -393,7 +402,8 @@ def sanity_checks(evaluation: EnsembleEvaluation, evidence: SanityEvidence, conf
     catches); a failed check hides no number."""
     checks = [] if evidence.bounds.empty else _bounds_checks(evidence.bounds)
     for combiner, acc in evaluation.accuracy.items():
-        found = [_rescoring_check(combiner, evidence.rescoring.get(combiner, {})),
+        found = [_learned_check(combiner, acc, evidence),
+                 _rescoring_check(combiner, evidence.rescoring.get(combiner, {})),
                  _noise_check(combiner, acc, evidence.noise.get(combiner)), _black_box_check(combiner, acc),
                  _pgd_check(combiner, evidence.strong_pgd.get(combiner), config)]
         checks += [c for c in found if c is not None]
@@ -407,6 +417,24 @@ def _bounds_checks(bounds: OutputBounds) -> list[SanityCheck]:
                         f"image exceeds eps by {bounds.excess:+.2e} (tolerance {EPS_TOLERANCE:.0e})"),
             SanityCheck("pixels_within_range", bounds.within_range,
                         f"the attacks' raw output pixels span [{bounds.low:.4f}, {bounds.high:.4f}]")]
+
+
+def learned_threshold(classes: int, examples: int) -> float:
+    """The natural accuracy (%) `learned_<combiner>` asks for: max(min(2c, (1 + c) / 2), c + 3.09 sd), chance
+    c = 1 / classes and sd the binomial standard deviation of chance accuracy over the examples."""
+    chance = 1.0 / classes
+    floor = min(2.0 * chance, (1.0 + chance) / 2.0)
+    return 100.0 * max(floor, chance + LEARNED_Z * math.sqrt(chance * (1.0 - chance) / examples))
+
+
+def _learned_check(combiner: str, acc: dict[str, float], evidence: SanityEvidence) -> SanityCheck | None:
+    if "natural" not in acc or evidence.classes < 2 or evidence.examples < 1:
+        return None
+    threshold = learned_threshold(evidence.classes, evidence.examples)
+    return SanityCheck(
+        f"learned_{combiner}", acc["natural"] >= threshold,
+        f"natural accuracy {acc['natural']:.2f} on {evidence.examples} examples against {threshold:.2f} needed "
+        f"(chance {100.0 / evidence.classes:.2f} with {evidence.classes} classes)")
 
 
 def _rescoring_check(combiner: str, rescoring: dict[str, tuple[int, int]]) -> SanityCheck | None:

@@ -18,8 +18,8 @@ from igat_core.attacks import FGSM, PGD, Attack, OutputBounds
 from igat_core.defenses import Plain
 from igat_core.ensemble import Ensemble
 from igat_core.evaluate import (ATTACK_ORDER, AttackFactory, EnsembleEvaluation, EvalConfig, SanityEvidence,
-                                correct_mask, evaluate_ensemble, evaluation_record, make_attack,
-                                relative_improvement, sanity_checks)
+                                correct_mask, evaluate_ensemble, evaluation_record, learned_threshold,
+                                make_attack, relative_improvement, sanity_checks)
 from igat_core.spec import EvalSpec
 from igat_core.train import TrainConfig, fit
 from tests.conftest import digits_config
@@ -68,7 +68,7 @@ def test_sanity_checks_cover_every_requirement_and_pass_on_the_real_attacks(full
     the max combiner SignHunter breaks one example of 36 more than it, so those two checks are only present here;
     the pair tests below show each of them passing and failing."""
     checks = {c.name: c for c in full.sanity}
-    per_combiner = ("rescoring_agrees", "white_box_not_weaker_than_noise", "black_box_not_stronger",
+    per_combiner = ("learned", "rescoring_agrees", "white_box_not_weaker_than_noise", "black_box_not_stronger",
                     "pgd_converged", "monotone_in_eps")
     expected = {"perturbation_within_eps", "pixels_within_range",
                 *(f"{check}_{combiner}" for check in per_combiner for combiner in ("average", "max"))}
@@ -76,6 +76,26 @@ def test_sanity_checks_cover_every_requirement_and_pass_on_the_real_attacks(full
     budget_bound = ("pgd_converged", "black_box_not_stronger")
     failed = {name: c.detail for name, c in checks.items() if not c.passed and not name.startswith(budget_bound)}
     assert not failed
+
+
+def test_the_learned_threshold_is_twice_chance_or_three_standard_deviations_above_it():
+    assert learned_threshold(10, 300) == pytest.approx(20.0)  # 10 + 3.09 * sqrt(0.09 / 300) * 100 = 15.35 < 20
+    assert learned_threshold(10, 16) == pytest.approx(10.0 + 3.09 * 7.5)  # sd sqrt(0.09 / 16) = 7.5 points
+    assert learned_threshold(2, 10_000) == pytest.approx(75.0)  # halfway from chance, as twice chance is 100
+    assert learned_threshold(100, 10_000) == pytest.approx(2.0)
+
+
+def test_an_untrained_ensemble_fails_the_learned_check_and_the_trained_one_passes(trained_ensemble, examples):
+    """Fresh members are at chance: every attack check passes on them (nothing to attack), the learned one
+    does not."""
+    torch.manual_seed(0)
+    untrained = Ensemble(trained_ensemble.config, trained_ensemble.num_members)
+    config = EvalConfig(**{**SANITY, "attacks": ("natural", "pgd")})
+    fresh = by_name(evaluate_ensemble(untrained, *examples, config, progress=False).sanity)
+    trained = by_name(evaluate_ensemble(trained_ensemble, *examples, config, progress=False).sanity)
+    assert not fresh["learned_average"].passed and trained["learned_average"].passed
+    assert "classes" in fresh["learned_average"].detail
+    assert all(c.passed for name, c in fresh.items() if name != "learned_average")
 
 
 def recording(calls: list[tuple[str, str, int]]) -> AttackFactory:
@@ -141,12 +161,13 @@ def test_black_box_beating_white_box_by_more_than_half_a_point_fails():
 
 def test_the_thresholds_of_the_numeric_checks():
     evidence = SanityEvidence(OutputBounds(excess=1e-3, low=0.0, high=1.0), {"max": (50.0, 47.5, 200)},
-                              {"max": 60.0}, {"max": {"pgd": (1, 80)}})
+                              {"max": 60.0}, {"max": {"pgd": (1, 80)}}, classes=10, examples=300)
     checks = by_name(sanity_checks(
-        evaluation({"max": {"natural": 90.0, "pgd": 50.0, "mim": 61.5}}, {"max": [40.0, 60.0, 30.0]},
+        evaluation({"max": {"natural": 19.9, "pgd": 50.0, "mim": 61.5}}, {"max": [40.0, 60.0, 30.0]},
                    (0.03, 0.01, 0.02)), evidence, EvalConfig()))
     assert [name for name, c in checks.items() if c.passed] == ["pixels_within_range"]
     assert "mim 61.50" in checks["white_box_not_weaker_than_noise_max"].detail
+    assert "19.90 on 300 examples against 20.00" in checks["learned_max"].detail
     evidence = SanityEvidence(OutputBounds(excess=1e-6, low=0.0, high=1.0), {"max": (50.0, 48.0, 200)},
                               {"max": 60.0}, {"max": {"pgd": (0, 80)}})
     ok = by_name(sanity_checks(evaluation({"max": {"pgd": 50.0, "mim": 61.0}}, {"max": [60.0, 50.0, 40.0]},
