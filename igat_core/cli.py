@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +59,12 @@ def run(
     typer.echo(f"\nresults: {out / RESULTS_FILE}  report: {out / REPORT_FILE}")
 
 
+def _echo_now(line: str) -> None:
+    """One line of a long job, flushed, so that it reaches a log file as it happens."""
+    typer.echo(line)
+    sys.stdout.flush()
+
+
 @app.command()
 def study(
     spec_path: Annotated[Path, typer.Argument(metavar="STUDY.yaml", help="study spec (examples/studies/)")],
@@ -82,7 +89,7 @@ def study(
 
     out = out or Path("runs") / study_spec.name
     try:
-        record = run_study(study_spec, out, progress=not quiet, echo=typer.echo)
+        record = run_study(study_spec, out, progress=not quiet, echo=_echo_now)
     except RuntimeError as exc:
         raise fail(f"igat study failed: {exc}") from None
     _print_study(record, out)
