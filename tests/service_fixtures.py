@@ -221,6 +221,18 @@ def fake_spec(name: str = "ok", epochs: int = 3) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- real runner
 
 
+#: A tiny study experiment: digits, 128 training images, two members of width 8, one epoch each.
+TINY_EXPERIMENT = {
+    "dataset": {"name": "digits", "train_limit": 128},
+    "ensemble": {"members": 2, "architecture": "small_cnn", "width": 8},
+    "base": {"method": "plain", "train": {"epochs": 1, "batch_size": 64, "lr": 0.1}},
+    "igat": {"attack": {"eps": 0.1, "step": 0.05, "steps": 2}, "train": {"epochs": 1, "batch_size": 64, "lr": 0.01}},
+    "eval": {"attacks": ["natural", "pgd"], "combiners": ["average"], "eps": 0.1, "step": 0.05, "steps": 3,
+             "n_examples": 16, "sanity_examples": 0, "diagnostics_examples": 0},
+    "resources": {"device": "cpu", "threads": 1},
+}
+
+
 def tiny_quickstart(pretrain_epochs: int = 1) -> dict[str, Any]:
     """examples/quickstart.yaml, cut down to seconds on a CPU (fewer epochs, examples and attack steps)."""
     spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())

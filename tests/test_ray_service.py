@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.service_fixtures import make_settings, read_jsonl, tiny_quickstart, wait_for
+from tests.service_fixtures import TINY_EXPERIMENT, make_settings, read_jsonl, tiny_quickstart, wait_for
 from tests.test_service_e2e import AUTH, serve, stop
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -259,7 +259,6 @@ def test_a_study_runs_as_ray_jobs_sharing_bases_and_gives_igat_study_s_tables(se
     meanwhile."""
     from igat_core.study import run_study
     from igat_core.study_spec import parse_study
-    from tests.test_service_studies import TINY_EXPERIMENT
 
     study = {"name": "ray-study", "experiment": TINY_EXPERIMENT, "grid": {"seed": [0, 1]},
              "variants": {"plain": {}, "adp": {"base.method": "adp"}},

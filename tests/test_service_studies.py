@@ -27,13 +27,13 @@ from workers.executors import ExperimentRun, RunState
 
 try:
     from tests.service_fixtures import (  # noqa: F401
-        AUTH, ROOT, TOKEN, db_url, events_of, fake_runner, fake_spec, make_client, make_settings, metrics_of,
-        pg_url, queue, read_jsonl, sessions, sqlite_url, status_of, wait_for,
+        AUTH, ROOT, TINY_EXPERIMENT, TOKEN, db_url, events_of, fake_runner, fake_spec, make_client, make_settings,
+        metrics_of, pg_url, queue, read_jsonl, sessions, sqlite_url, status_of, wait_for,
     )
 except ImportError:
     from service_fixtures import (  # noqa: F401
-        AUTH, ROOT, TOKEN, db_url, events_of, fake_runner, fake_spec, make_client, make_settings, metrics_of,
-        pg_url, queue, read_jsonl, sessions, sqlite_url, status_of, wait_for,
+        AUTH, ROOT, TINY_EXPERIMENT, TOKEN, db_url, events_of, fake_runner, fake_spec, make_client, make_settings,
+        metrics_of, pg_url, queue, read_jsonl, sessions, sqlite_url, status_of, wait_for,
     )
 
 #: Two seeds x two arms: abl-seed0-igat trains seed 0's base, abl-seed0-hard loads it; the same for seed 1.
@@ -431,16 +431,6 @@ def test_the_igat_client_submits_shows_and_cancels_a_study(client, monkeypatch, 
 
 # ------------------------------------------------------------------------------ end to end, real runner
 
-#: tests/test_study.py's tiny ablation: digits, 128 training images, two members of width 8, one epoch each.
-TINY_EXPERIMENT = {
-    "dataset": {"name": "digits", "train_limit": 128},
-    "ensemble": {"members": 2, "architecture": "small_cnn", "width": 8},
-    "base": {"method": "plain", "train": {"epochs": 1, "batch_size": 64, "lr": 0.1}},
-    "igat": {"attack": {"eps": 0.1, "step": 0.05, "steps": 2}, "train": {"epochs": 1, "batch_size": 64, "lr": 0.01}},
-    "eval": {"attacks": ["natural", "pgd"], "combiners": ["average"], "eps": 0.1, "step": 0.05, "steps": 3,
-             "n_examples": 16, "sanity_examples": 0, "diagnostics_examples": 0},
-    "resources": {"device": "cpu", "threads": 1},
-}
 ABLATION = {"name": "svc", "experiment": TINY_EXPERIMENT, "grid": {"seed": [0, 1]},
             "arms": {"igat": {"controls": ["global_at"]}, "hard": {"igat.rule": "hard"}},
             "tables": ["table3", "table2"]}

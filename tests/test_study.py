@@ -19,20 +19,12 @@ from igat_core.study import run_planned
 from igat_core.study_report import render_study_report
 from igat_core.study_results import RunOutcome, study_record
 from igat_core.study_spec import StudySpecError, parse_study, plan_record, plan_study, shared_base_key
+from tests.service_fixtures import TINY_EXPERIMENT
 
 T_975_1 = 12.706204736174707
 T_975_2 = 4.302652729911275
 T_975_3 = 3.182446305284263
 
-TINY_EXPERIMENT = {
-    "dataset": {"name": "digits", "train_limit": 128},
-    "ensemble": {"members": 2, "architecture": "small_cnn", "width": 8},
-    "base": {"method": "plain", "train": {"epochs": 1, "batch_size": 64, "lr": 0.1}},
-    "igat": {"attack": {"eps": 0.1, "step": 0.05, "steps": 2}, "train": {"epochs": 1, "batch_size": 64, "lr": 0.01}},
-    "eval": {"attacks": ["natural", "pgd"], "combiners": ["average"], "eps": 0.1, "step": 0.05, "steps": 3,
-             "n_examples": 16, "sanity_examples": 0, "diagnostics_examples": 0},
-    "resources": {"device": "cpu", "threads": 1},
-}
 ABLATION = {"name": "abl", "experiment": TINY_EXPERIMENT, "grid": {"seed": [0, 1]},
             "arms": {"igat": {"controls": ["global_at"]}, "hard": {"igat.rule": "hard"}},
             "tables": ["table3", "table2"]}
