@@ -132,7 +132,7 @@ def study_block(name: str, record: dict) -> str:
 
 
 def block_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(re.escape(begin_marker(name)) + r"\n.*?\n" + re.escape(end_marker(name)), re.DOTALL)
+    return re.compile(re.escape(begin_marker(name)) + r"\n(?:.*?\n)?" + re.escape(end_marker(name)), re.DOTALL)
 
 
 def refreshed(text: str, name: str, record: dict) -> str:
@@ -163,7 +163,10 @@ def main() -> None:
     if args.collect:
         print(f"copied into {collect(args.collect[0], Path(args.collect[1]))}")
     text = REPRODUCTION.read_text()
-    new = rebuilt(text)
+    try:
+        new = rebuilt(text)
+    except (ValueError, OSError, TypeError) as exc:
+        sys.exit(f"scripts/reproduction.py: {exc}")
     if args.check:
         if new != text:
             sys.exit("REPRODUCTION.md is stale: run scripts/reproduction.py")
