@@ -114,7 +114,8 @@ def paper_table2(record: dict) -> list[str]:
         cells = [(combiner, attack) for combiner in ("average", "max") for attack in ("natural", "pgd")]
         ours = [_row(rows, method=method, combiner=c, attack=a) for c, a in cells]
         if any(o is not None for o in ours):
-            lines.append(f"| {method} | " + " | ".join(f"{_mean(o, True)} / {p:+.2f}" for o, p in zip(ours, paper)) + " |")
+            cells_text = " | ".join(f"{_mean(o, True)} / {p:+.2f}" for o, p in zip(ours, paper))
+            lines.append(f"| {method} | {cells_text} |")
     return [*lines, ""] if len(lines) > 4 else []
 
 
