@@ -45,14 +45,14 @@ def collect(name: str, study_dir: Path) -> Path:
     record = read_json(study_dir / STUDY_FILE)
     if record is None or read_json(study_dir / RESULTS_FILE) is None:
         raise SystemExit(f"{study_dir} holds no finished study ({STUDY_FILE} and {RESULTS_FILE})")
+    target.mkdir(parents=True, exist_ok=True)
     for file in (STUDY_FILE, RESULTS_FILE, REPORT_FILE):
-        (target / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(study_dir / file, target / file)
     for planned in record["experiments"]:
-        source = study_run_dir(study_dir, planned["name"]) / RESULTS_FILE
-        if source.is_file():
-            study_run_dir(target, planned["name"]).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, study_run_dir(target, planned["name"]) / RESULTS_FILE)
+        source, run_dir = (study_run_dir(d, planned["name"]) for d in (study_dir, target))
+        if (source / RESULTS_FILE).is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / RESULTS_FILE, run_dir / RESULTS_FILE)
     return target
 
 
@@ -60,14 +60,15 @@ def study_record_of(study_dir: Path) -> dict:
     """The study's results.json rebuilt from its study.json and its runs' results.json; a run without results
     keeps the status and error the committed record gives it."""
     study = parse_study(read_json(study_dir / STUDY_FILE)["study"])
+    plan = plan_study(study)
     committed = {r["name"]: r for r in (read_json(study_dir / RESULTS_FILE) or {}).get("runs", [])}
     outcomes = {}
-    for planned in plan_study(study):
+    for planned in plan:
         results = read_json(study_run_dir(study_dir, planned.name) / RESULTS_FILE)
         row = committed.get(planned.name)
         outcomes[planned.name] = (RunOutcome.of_results(results) if results is not None else
                                   RunOutcome.failure(row["error"], row["status"]) if row else NOT_RUN)
-    return json.loads(json.dumps(study_record(study, plan_study(study), outcomes)))
+    return json.loads(json.dumps(study_record(study, plan, outcomes)))
 
 
 def begin_marker(name: str) -> str:
@@ -110,8 +111,8 @@ def paper_table2(record: dict) -> list[str]:
     lines = ["#### Beside the paper's Table 2 (CIFAR-10 relative improvement, %; for direction only)", "",
              "| method | average natural: here / paper | average PGD: here / paper | max natural: here / paper | "
              "max PGD: here / paper |", "|---|---:|---:|---:|---:|"]
+    cells = [(combiner, attack) for combiner in ("average", "max") for attack in ("natural", "pgd")]
     for method, paper in PAPER_TABLE2.items():
-        cells = [(combiner, attack) for combiner in ("average", "max") for attack in ("natural", "pgd")]
         ours = [_row(rows, method=method, combiner=c, attack=a) for c, a in cells]
         if any(o is not None for o in ours):
             cells_text = " | ".join(f"{_mean(o, True)} / {p:+.2f}" for o, p in zip(ours, paper))
