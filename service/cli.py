@@ -479,15 +479,41 @@ def _print_study(s: dict[str, Any]) -> None:
 def results(
     experiment_id: Annotated[str, typer.Argument(help="experiment or study id")],
     out: Annotated[Path | None, typer.Option(help=f"write {RESULTS_FILE} here instead of printing it")] = None,
+    into: Annotated[Path | None, typer.Option(
+        help="a study: write here what `igat study --out DIR` writes, without checkpoints (study.json, "
+             "results.json, report.md, runs/NAME/results.json of each succeeded run)")] = None,
 ) -> None:
     """Print (or save) the results.json of a succeeded experiment, or a study's (as far as its runs have got)."""
-    _, content = _either("GET", experiment_id, "/results/{id}", "/studies/{id}/results")
+    kind, content = _either("GET", experiment_id, "/results/{id}", "/studies/{id}/results")
+    if into is not None:
+        if kind != "study":
+            _fail(f"--into: {experiment_id} is an experiment, not a study; use --out", code=2)
+        _write_study_dir(_request("GET", f"/studies/{experiment_id}"), content, into)
+        typer.echo(f"wrote {into}")
+        return
     text = json.dumps(content, indent=2)
     if out is None:
         typer.echo(text)
     else:
         out.write_text(text + "\n")
         typer.echo(f"wrote {out}")
+
+
+def _write_study_dir(detail: dict[str, Any], record: dict[str, Any], into: Path) -> None:
+    """The layout of `igat study --out INTO` from the service's study, its results and its runs' results."""
+    from igat_core.rundir import STUDY_FILE, study_run_dir, write_json_atomic
+    from igat_core.study_report import write_study_report
+    from igat_core.study_spec import parse_study, plan_record, plan_study
+
+    study = parse_study(detail["spec"])
+    into.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(into / STUDY_FILE, plan_record(study, plan_study(study)))
+    for run in detail["experiments"]:
+        if run["status"] == "succeeded":
+            write_json_atomic(study_run_dir(into, run["name"]) / RESULTS_FILE,
+                              _request("GET", f"/results/{run['id']}"))
+    write_json_atomic(into / RESULTS_FILE, record)
+    write_study_report(record, into)
 
 
 def cancel(experiment_id: Annotated[str, typer.Argument(help="experiment or study id")]) -> None:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from igat_core.rundir import model_checkpoint, run_dir_of
+from igat_core.rundir import REPORT_FILE, RESULTS_FILE, STUDY_FILE, model_checkpoint, run_dir_of
 from igat_core.study_spec import parse_study, plan_study
 from service import store, studies
 from service.db import make_engine, make_session_factory, session_scope
@@ -523,6 +523,9 @@ def test_a_study_through_the_service_survives_a_killed_dispatcher_and_matches_ig
         study_id = out.split()[0]
         with served.client() as client:
             record = client.get(f"/studies/{study_id}/results").json()
+        fetched = subprocess.run([sys.executable, "-m", "service", "results", study_id, "--into", "fetched"],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert fetched.returncode == 0, fetched.stderr
     finally:
         if submit.poll() is None:
             submit.kill()
@@ -548,3 +551,16 @@ def test_a_study_through_the_service_survives_a_killed_dispatcher_and_matches_ig
     local = run_study(parse_study(ABLATION), tmp_path / "local", progress=False, echo=lambda _line: None)
     assert local["table3"] == record["table3"]
     assert local["table2"] == record["table2"]
+    _check_fetched_like_local(tmp_path / "fetched", tmp_path / "local", record)
+
+
+def _check_fetched_like_local(fetched: Path, local: Path, record: dict) -> None:
+    """`igat results STUDY --into DIR` writes what `igat study --out DIR` writes, checkpoints aside."""
+    assert json.loads((fetched / STUDY_FILE).read_text()) == json.loads((local / STUDY_FILE).read_text())
+    assert json.loads((fetched / RESULTS_FILE).read_text()) == record
+    run_files = sorted(p.relative_to(fetched) for p in fetched.glob("runs/*/results.json"))
+    assert run_files == sorted(p.relative_to(local) for p in local.glob("runs/*/results.json")) and len(run_files) == 4
+    for name in run_files:
+        ours, theirs = (json.loads((d / name).read_text()) for d in (fetched, local))
+        assert ours["spec"]["seed"] == theirs["spec"]["seed"] and ours["evaluation"] == theirs["evaluation"]
+    assert "## Table 3" in (fetched / REPORT_FILE).read_text()
