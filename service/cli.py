@@ -480,8 +480,8 @@ def results(
     experiment_id: Annotated[str, typer.Argument(help="experiment or study id")],
     out: Annotated[Path | None, typer.Option(help=f"write {RESULTS_FILE} here instead of printing it")] = None,
     into: Annotated[Path | None, typer.Option(
-        help="a study: write here what `igat study --out DIR` writes, without checkpoints (study.json, "
-             "results.json, report.md, runs/NAME/results.json of each succeeded run)")] = None,
+        help="a study: write here what `igat study --out DIR` writes, without checkpoints (the study, its "
+             "results and report, and each succeeded run's results)")] = None,
 ) -> None:
     """Print (or save) the results.json of a succeeded experiment, or a study's (as far as its runs have got)."""
     kind, content = _either("GET", experiment_id, "/results/{id}", "/studies/{id}/results")
