@@ -50,7 +50,10 @@ def _parse_fraction(value: Any) -> Any:
     return value
 
 
-Perturbation = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0, le=1.0)]
+_Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+#: A number in [0, 1], or a fraction written as a string; the JSON schema says both (bounds as minimum/maximum).
+Perturbation = Annotated[_Unit, BeforeValidator(_parse_fraction, json_schema_input_type=_Unit | Annotated[
+    str, Field(pattern=r"^ *[0-9]+(\.[0-9]*)? *(/ *[0-9]+ *)?$", description="a fraction such as '8/255'")])]
 
 
 class _Strict(BaseModel):
