@@ -322,3 +322,41 @@ def test_checkpoints_are_served_as_octet_stream(tmp_path, sqlite_url, sessions):
         r = client.get(f"/results/{e}/artifacts/base.pt", headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
         assert r.headers["content-disposition"].startswith("attachment")
+
+
+# -------------------------------------------------------------------------------------------------- OpenAPI
+
+
+def _keys(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in _keys(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in _keys(v)}
+    return set()
+
+
+def test_the_openapi_document_says_what_the_routes_do(tmp_path, sqlite_url, sessions):
+    with make_client(make_settings(tmp_path, sqlite_url), sessions) as client:
+        doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert not _keys(doc) & {"ge", "le", "gt", "lt", "$defs"}  # JSON Schema's words only, every $ref resolvable
+    eps = schemas["AttackSpec"]["properties"]["eps"]["anyOf"]
+    assert {"type": "number", "minimum": 0.0, "maximum": 1.0} == eps[0] and eps[1]["type"] == "string"
+    assert schemas["EvalSpec"]["properties"]["attacks"]["uniqueItems"] is True
+    assert "strictly increasing" in schemas["OptimSpec"]["properties"]["milestones"]["description"]
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path != "/healthz":
+                assert {"400", "401", "413", "422", "503"} <= set(responses), (method, path)
+                assert operation["security"] == [{"HTTPBearer": []}]
+            for code, response in responses.items():
+                if code != "200" or path != "/results/{experiment_id}/artifacts/{path}":
+                    assert list(response.get("content", {"application/json": 0})) in (
+                        ["application/json"], ["text/event-stream"] if code == "200" else []), (method, path, code)
+    events = doc["paths"]["/experiments/{experiment_id}/events"]["get"]["responses"]
+    assert events["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    for route, model in [("/experiments", "ExperimentSpec"), ("/studies", "StudySpec")]:
+        body = doc["paths"][route]["post"]["requestBody"]
+        assert body["required"] and body["content"]["application/json"]["schema"]["$ref"].endswith("/" + model)
+        assert model in schemas
