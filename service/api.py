@@ -226,7 +226,7 @@ def _experiment(body: Any) -> ExperimentSpec:
 def _study(body: Any) -> StudySpec:
     """The StudySpec of a decoded request body, or a 422 naming each problem's field (as for an ExperimentSpec)."""
     if not isinstance(body, dict):
-        raise invalid((), "expected a JSON object of StudySpec fields", "dict_type")
+        raise invalid((), "expected a JSON object (a dictionary of StudySpec fields)", "dict_type")
     try:
         return parse_study(body, "(request body)")
     except StudySpecError as exc:
