@@ -50,7 +50,15 @@ def _parse_fraction(value: Any) -> Any:
     return value
 
 
-Perturbation = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0, le=1.0)]
+_Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+#: A number in [0, 1], or a fraction written as a string; the JSON schema says both (bounds as minimum/maximum).
+Perturbation = Annotated[_Unit, BeforeValidator(_parse_fraction, json_schema_input_type=_Unit | Annotated[
+    str, Field(pattern=r"^ *[0-9]+(\.[0-9]*)? *(/ *[0-9]+ *)?$", description="a fraction such as '8/255'")])]
+
+
+#: For the JSON schema of lists a validator keeps free of repeats (and non-empty).
+_UNIQUE = {"uniqueItems": True}
+_UNIQUE_NON_EMPTY = {"uniqueItems": True, "minItems": 1}
 
 
 class _Strict(BaseModel):
@@ -80,7 +88,8 @@ class OptimSpec(_Strict):
     lr: float = Field(gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
-    milestones: list[int] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
+    milestones: list[int] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma: "
+                                  "strictly increasing, each >= 1")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
@@ -101,7 +110,8 @@ class AttackSpec(_Strict):
 
 class BaseSpec(_Strict):
     method: BaseMethodName = "plain"
-    params: dict[str, float | int | bool | str] = Field(default_factory=dict, description="method-specific settings")
+    params: dict[str, float | int | bool | str] = Field(default_factory=dict, description="method-specific settings; "
+                                                        "only the names base.method's constructor takes")
     checkpoint: str | None = Field(None, description="pretrained ensemble to load instead of training one")
     train: OptimSpec = Field(
         default_factory=lambda: OptimSpec(epochs=200, batch_size=128, lr=0.1, milestones=[100, 150], gamma=0.1)
@@ -145,13 +155,15 @@ class IgatSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"],
-                                      description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits")
+    attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"], json_schema_extra=_UNIQUE_NON_EMPTY,
+                                      description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits; "
+                                      "at least one, none repeated")
     eps: Perturbation = 8 / 255
     step: Perturbation = Field(2 / 255, description="step of PGD, CW-L-inf and MIM")
     steps: int = Field(20, ge=1, le=10_000, description="iterations of PGD, CW-L-inf and MIM")
     n_examples: int = Field(1000, ge=1, le=1_000_000, description="equidistant examples of the test split")
-    combiners: list[Combiner] = Field(default_factory=lambda: ["average", "max"])
+    combiners: list[Combiner] = Field(default_factory=lambda: ["average", "max"], json_schema_extra=_UNIQUE_NON_EMPTY,
+                                      description="at least one, none repeated")
     batch_size: int = Field(500, ge=1, le=65_536)
     cw_kappa: float = Field(50.0, ge=0.0, le=1e4, description="CW margin cap: the loss stops at margin -kappa")
     mim_decay: float = Field(1.0, ge=0.0, le=10.0, description="MIM momentum decay mu")
@@ -226,13 +238,13 @@ class TuneSpec(_Strict):
     the combined ensemble on the validation split (never the test split); the best pair is then used by `igat`.
     `igat run` (no Ray) refuses a spec with the search enabled."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="needs igat.enabled")
     mode: TuneMode = Field("grid", description="grid: every alphas x betas pair; random: num_samples pairs drawn "
                            "uniformly from [min, max] of alphas and betas; asha: random plus ASHA early stopping")
     alphas: list[Annotated[float, Field(ge=0.0, le=1e4)]] = Field(
-        default_factory=lambda: [1.0, 5.0, 10.0], min_length=1, max_length=64)
+        default_factory=lambda: [1.0, 5.0, 10.0], min_length=1, max_length=64, json_schema_extra=_UNIQUE)
     betas: list[Annotated[float, Field(ge=0.0, le=1e4)]] = Field(
-        default_factory=lambda: [5.0, 10.0, 20.0], min_length=1, max_length=64)
+        default_factory=lambda: [5.0, 10.0, 20.0], min_length=1, max_length=64, json_schema_extra=_UNIQUE)
     num_samples: int = Field(1, ge=1, le=1000, description="random/asha: trials drawn; grid: repeats of the grid")
     epochs: int | None = Field(None, ge=1, le=10_000, description="fine-tune epochs per trial; default igat.train")
     val_examples: int = Field(256, ge=1, le=1_000_000, description="equidistant validation examples scored")
@@ -258,10 +270,10 @@ class ExperimentSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec = Field(default_factory=TuneSpec)
     controls: list[ControlName] = Field(
-        default_factory=list, max_length=2,
+        default_factory=list, max_length=2, json_schema_extra=_UNIQUE,
         description="equal-budget control models fine-tuned from the same base with iGAT's budget (igat.train, "
         "seed): continued (L_E alone), global_at (L_E + alpha * ensemble adversarial training on the same global "
-        "adversarial examples)")
+        "adversarial examples); none repeated, and only with igat.enabled")
 
     @model_validator(mode="after")
     def _tune_needs_igat(self) -> ExperimentSpec:

@@ -194,6 +194,21 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+class Problem(BaseModel):
+    loc: list[str | int] = Field(description="where: 'body', 'query', 'path' or 'header', then the field path")
+    field: str = Field(description="the field path, dotted (body fields without the 'body.' prefix)")
+    msg: str
+    type: str
+
+
+class InvalidOut(BaseModel):
+    """A 422: the request's first problems (``service.app.MAX_REPORTED_PROBLEMS``), or one reason."""
+
+    detail: list[Problem] | str
+    message: str | None = Field(None, description="the listed problems in one line")
+    omitted: int = Field(0, ge=0, description="problems found beyond those listed")
+
+
 def _links(experiment_id: str) -> Links:
     base = f"/experiments/{experiment_id}"
     return Links(

@@ -5,7 +5,11 @@ artifacts under ``./var/artifacts``, one experiment at a time.
 
 Authentication: mutating routes need ``Authorization: Bearer <IGAT_API_TOKEN>``. When no token is configured
 the service *fails closed*: every mutation answers 503 with a message saying that ``IGAT_API_TOKEN`` must be
-set (read-only routes keep working). ``igat serve`` generates a token when none is set (see ``service.cli``).
+set. ``igat serve`` generates a token when none is set (see ``service.cli``).
+
+Reads: ``IGAT_OPEN_READS=true`` (the default) is the local-development mode, where every read route answers
+without a token; a deployment sets ``IGAT_OPEN_READS=false`` and then every route but ``/healthz`` and the API
+documentation needs the token (and answers 503 when none is configured).
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="Ray dashboard URL (Jobs API) for the ray executor; unset: "
                                     "`igat serve` starts a local Ray head")
     api_token: SecretStr | None = Field(None, description="bearer token required by every mutating route")
+    open_reads: bool = Field(True, description="true: local-development mode, read routes need no token; false "
+                             "(deployments): every route but /healthz and the API documentation needs the token")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="largest request body accepted; a larger "
+                                "one is refused with 413 before it is read to the end")
 
     executor: str = Field("local", description="how a standalone dispatcher runs experiments: local | ray "
                           "(`igat serve` defaults to ray)")
