@@ -634,7 +634,7 @@ def test_a_ray_head_with_the_compose_environment_refuses_the_jobs_api_without_it
         dispatcher = client("dispatcher")
         assert dispatcher.returncode == 0, dispatcher.stderr[-3000:]
         api = client("api")
-        assert api.returncode != 0 and "401" in api.stderr, api.stderr[-3000:]
+        assert api.returncode != 0 and "Missing authentication token" in api.stderr, api.stderr[-3000:]
 
         port = head.dashboard_url.rsplit(":", 1)[1]
         healthcheck = [arg.replace(":8265/", f":{port}/") for arg in compose()["services"]["ray-head"]["healthcheck"]
@@ -669,6 +669,8 @@ def service_env(name: str, overrides: dict[str, str]) -> dict[str, str]:
 @pytest.mark.postgres
 @pytest.mark.timeout(600)
 def test_the_compose_services_take_an_experiment_to_its_results(ray_cluster, pg_url, tmp_path):  # noqa: F811
+    from workers.ray_cluster import ray_auth_mode
+
     port = free_port()
     overrides = {
         "IGAT_DATABASE_URL": pg_url,
@@ -686,9 +688,12 @@ def test_the_compose_services_take_an_experiment_to_its_results(ray_cluster, pg_
     processes: dict[str, subprocess.Popen] = {}
     logs = {name: tmp_path / f"{name}.log" for name in ("api", "dispatcher")}
     try:
+        # the shared local head runs without Ray's token authentication (the private head of the test above has it)
+        ray_overrides = {"dispatcher": {"RAY_AUTH_MODE": ray_auth_mode()}}
         for name, replacements in (("api", {"0.0.0.0": "127.0.0.1", "8000": str(port)}), ("dispatcher", {})):
             processes[name] = subprocess.Popen(
-                service_argv(name, replacements), env=service_env(name, overrides), cwd=tmp_path,
+                service_argv(name, replacements), env=service_env(name, {**overrides, **ray_overrides.get(name, {})}),
+                cwd=tmp_path,
                 stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
 
@@ -701,8 +706,8 @@ def test_the_compose_services_take_an_experiment_to_its_results(ray_cluster, pg_
 
         wait_for(healthy, 60, interval=0.3, what="the api service to answer /healthz")
         spec = tiny_spec("compose", pretrain_epochs=1, train_limit=256, tune=False)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            r = client.post("/experiments", json=spec, headers=AUTH)
+        with httpx.Client(base_url=url, timeout=30, headers=AUTH) as client:  # compose: reads need the token too
+            r = client.post("/experiments", json=spec)
             assert r.status_code == 202, r.text
             experiment_id = r.json()["id"]
 
@@ -713,6 +718,7 @@ def test_the_compose_services_take_an_experiment_to_its_results(ray_cluster, pg_
 
             final = wait_for(finished, 420, interval=1.0, what="the experiment to finish")
             assert final["status"] == "succeeded", final.get("error")
+            assert httpx.get(f"{url}/results/{experiment_id}", timeout=30).status_code == 401
             results = client.get(f"/results/{experiment_id}").json()
             assert set(results["evaluation"]) >= {"base", "igat"}
             assert 0 <= results["evaluation"]["igat"]["average"]["pgd"] <= 100
