@@ -263,6 +263,11 @@ def compose_exposure_problems(doc: dict) -> list[str]:
     return problems
 
 
+def test_the_image_needs_the_token_for_reads():
+    """A bare `docker run` of the image is a deployment too (its `igat serve` listens on 0.0.0.0)."""
+    assert re.search(r"^\s*IGAT_OPEN_READS=false\b", DOCKERFILE.read_text(), re.MULTILINE)
+
+
 def undocumented_variables(compose_text: str, env_example_text: str) -> set[str]:
     """Variables compose interpolates that deploy/env.example neither sets nor names in a commented-out line."""
     documented = set(re.findall(r"^#?\s*(\w+)=", env_example_text, re.MULTILINE))
