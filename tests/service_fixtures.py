@@ -233,6 +233,11 @@ TINY_EXPERIMENT = {
 }
 
 
+#: TINY_EXPERIMENT pretrained with ADP at lr 10 (the spec's upper bound): its loss becomes NaN within three epochs.
+DIVERGING_EXPERIMENT = {**TINY_EXPERIMENT, "name": "diverging",
+                        "base": {"method": "adp", "train": {"epochs": 4, "batch_size": 64, "lr": 10.0}}}
+
+
 def tiny_quickstart(pretrain_epochs: int = 1) -> dict[str, Any]:
     """examples/quickstart.yaml, cut down to seconds on a CPU (fewer epochs, examples and attack steps)."""
     spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
