@@ -196,6 +196,7 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
             out = objective(ensemble, x, y, generator)
             loss = float(out.loss.detach())
             if not math.isfinite(loss):
+                bar.close()  # leaves the line the error is printed on clean
                 raise TrainingDiverged(phase, epoch, number, len(batches), loss, optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()

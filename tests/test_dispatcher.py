@@ -24,14 +24,14 @@ from workers.executors import ExperimentRun, RunState
 
 try:
     from tests.service_fixtures import (  # noqa: F401
-        kill_group, assert_no_duplicates, create_schema, db_url, events_of, fake_runner, fake_spec, make_client,
-        make_settings, metrics_of, pg_url, pid_alive, queue, read_jsonl, sessions, sqlite_url,
+        kill_group, assert_no_duplicates, create_schema, db_url, events_of, fake_runner, fake_spec, free_port,
+        make_client, make_settings, metrics_of, pg_url, pid_alive, queue, read_jsonl, sessions, sqlite_url,
         start_dispatcher_process, status_of, wait_for,
     )
 except ImportError:
     from service_fixtures import (  # noqa: F401
-        kill_group, assert_no_duplicates, create_schema, db_url, events_of, fake_runner, fake_spec, make_client,
-        make_settings, metrics_of, pg_url, pid_alive, queue, read_jsonl, sessions, sqlite_url,
+        kill_group, assert_no_duplicates, create_schema, db_url, events_of, fake_runner, fake_spec, free_port,
+        make_client, make_settings, metrics_of, pg_url, pid_alive, queue, read_jsonl, sessions, sqlite_url,
         start_dispatcher_process, status_of, wait_for,
     )
 
@@ -424,3 +424,24 @@ def test_dispatcher_cli_needs_a_ray_address_for_the_ray_executor():
     r = subprocess.run([sys.executable, "-m", "service.dispatcher", "--executor", "ray", "--once"], env=env,
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert r.returncode == 2 and "IGAT_RAY_ADDRESS" in r.stdout
+
+
+@pytest.mark.postgres
+def test_only_an_unreachable_database_counts_as_no_ones_fault(pg_url):
+    """A refused value is the experiment's fault (it fails); a server that cannot be reached is not (retried)."""
+    from sqlalchemy import text
+
+    from service.dispatcher import database_unavailable, describe
+
+    engine = make_engine(pg_url)
+    with pytest.raises(Exception) as refused, engine.connect() as connection:
+        connection.execute(text("SELECT :t"), {"t": "a\x00b"})
+    engine.dispose()
+    assert not database_unavailable(refused.value)
+    assert describe(refused.value) == "DataError: PostgreSQL text fields cannot contain NUL (0x00) bytes"
+    gone = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres",
+                       connect_args={"connect_timeout": 2})
+    with pytest.raises(Exception) as unreachable, gone.connect():
+        pass
+    gone.dispose()
+    assert database_unavailable(unreachable.value)
