@@ -356,7 +356,11 @@ class Runner:
         if self.state.done(phase):
             return
         started = time.perf_counter()
-        made = body()
+        try:
+            made = body()
+        except Exception as exc:  # the reason in the run's events too; the traceback stays on stderr
+            self.context.log.event(phase, "failed", f"{phase} failed: {exc}", error=type(exc).__name__)
+            raise
         seconds = time.perf_counter() - started
         self.state.finish(phase, seconds, **(record(made) if record else {}))
         self.context.log.event(phase, "finished", f"{phase} finished in {seconds:.1f}s")

@@ -30,6 +30,7 @@ from service.auth import bearer, require_token
 from service.bodies import RawBody, invalid, json_body
 from service.db import session_scope
 from service.models import FAILED, SUCCEEDED, TERMINAL
+from service.storable import storable_json
 from service.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -301,7 +302,7 @@ def get_study_results(study_id: str, request: Request) -> JSONResponse:
     with session_scope(_sessions(request)) as session:
         row = store.get_study(session, study_id)
         runs = store.study_experiments(session, [study_id])[study_id]
-    return JSONResponse(studies.results(row, runs, Path(_settings(request).artifact_root)))
+    return JSONResponse(storable_json(studies.results(row, runs, Path(_settings(request).artifact_root))))
 
 
 @api.post(
@@ -442,7 +443,7 @@ def get_results(experiment_id: str, request: Request) -> JSONResponse:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} succeeded but its {rundir.RESULTS_FILE} is missing"
         )
-    return JSONResponse(content)
+    return JSONResponse(storable_json(content))  # a NaN accuracy is "NaN": strict JSON, as every response
 
 
 @api.get("/results/{experiment_id}/artifacts", response_model=ArtifactList, tags=["results"],
