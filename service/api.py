@@ -23,7 +23,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from igat_core import rundir
 from igat_core.spec import ExperimentSpec
 from igat_core.study_spec import StudySpec, StudySpecError, parse_study, plan_study
-from service import store, studies
+from service import admission, store, studies
 from service.auth import require_token
 from service.db import session_scope
 from service.models import FAILED, SUCCEEDED, TERMINAL
@@ -92,6 +92,12 @@ def healthz(request: Request) -> Health:
     return Health(status="ok", database="ok")
 
 
+def _refused(exc: admission.Refused, *, split: bool) -> RequestValidationError:
+    """A 422 like the spec's own: each field path (split into the body's keys when `split`) and its reason."""
+    return RequestValidationError([{"loc": ("body", *(path.split(".") if split else [path])), "msg": reason,
+                                    "type": "refused"} for path, reason in exc.problems])
+
+
 # --------------------------------------------------------------------------------------------- experiments
 
 
@@ -103,8 +109,8 @@ def healthz(request: Request) -> Health:
     tags=["experiments"],
     responses={
         **AUTH,
-        422: {"description": "invalid spec (each field path and reason), or an Idempotency-Key reused with "
-              "another body"},
+        422: {"description": "invalid spec (each field path and reason; also a base.checkpoint outside the "
+              "allowed roots or an ensemble over the size limits), or an Idempotency-Key reused with another body"},
     },
 )
 def submit_experiment(
@@ -121,6 +127,10 @@ def submit_experiment(
     """Queue an experiment. The body is an ExperimentSpec (JSON); answers 202 with a Location header."""
     digest = request_hash(spec, priority)
     with session_scope(_sessions(request)) as session:
+        try:
+            spec = admission.admit_experiment(spec, _settings(request), session)
+        except admission.Refused as exc:
+            raise _refused(exc, split=True) from None
         experiment, created = store.create_experiment(
             session,
             spec=spec.model_dump(mode="json"),
@@ -215,6 +225,10 @@ def submit_study(
     plan = plan_study(study)
     digest = studies.request_hash(study, plan, priority)
     with session_scope(_sessions(request)) as session:
+        try:
+            plan = admission.admit_plan(study, plan, _settings(request), session)
+        except admission.Refused as exc:
+            raise _refused(exc, split=False) from None
         row, created = store.create_study(
             session, spec=study.model_dump(mode="json"), plan=plan, artifact_root=_settings(request).artifact_root,
             priority=priority, idempotency_key=idempotency_key, request_hash=digest,
