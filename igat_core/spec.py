@@ -89,7 +89,9 @@ def _param_value(value: Any) -> Any:
     return value
 
 
-ParamValue = Annotated[float | int | bool | str, BeforeValidator(_param_value)]
+# The Field bounds repeat what the validators check so that the JSON Schema shows them to clients.
+ParamValue = Annotated[float | int | bool | Annotated[str, Field(max_length=MAX_PARAM_STRING)],
+                       BeforeValidator(_param_value)]
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,17 @@ def _checkpoint_form(value: Any) -> Any:
         raise ValueError("must name a file (or be left out)")
     if _CONTROL_CHARACTER.search(value):
         raise ValueError("must not contain NUL or other control characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be text that UTF-8 can encode (no lone surrogates)") from None
     if checkpoint_reference(value) is None and any(len(part.encode()) > MAX_PATH_SEGMENT for part in value.split("/")):
         raise ValueError(f"a path segment is longer than {MAX_PATH_SEGMENT} bytes")
     return value
+
+
+CheckpointValue = Annotated[Annotated[str, Field(max_length=MAX_PATH_LENGTH)] | None,
+                            BeforeValidator(_checkpoint_form)]
 
 
 class _Strict(BaseModel):
@@ -176,7 +186,7 @@ class BaseSpec(_Strict):
     method: BaseMethodName = "plain"
     params: dict[Annotated[str, Field(max_length=64)], ParamValue] = Field(
         default_factory=dict, max_length=64, description="method-specific settings")
-    checkpoint: Annotated[str | None, BeforeValidator(_checkpoint_form)] = Field(
+    checkpoint: CheckpointValue = Field(
         None, description="pretrained ensemble to load instead of training one: a path, or (service) "
         "experiment:<id>[/<model>], the saved ensemble of another experiment (model: base, igat or a control; "
         "default base)")

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from igat_core.rundir import model_checkpoint, run_dir_of
-from igat_core.spec import ExperimentSpec, checkpoint_reference, size_problems
+from igat_core.spec import CheckpointReference, ExperimentSpec, checkpoint_reference, size_problems
 from igat_core.study_spec import MAX_PROBLEMS, PlannedExperiment, StudySpec, with_base_checkpoint
 from service import store
 from service.settings import Settings
@@ -48,9 +48,7 @@ def inside_allowed_roots(path: Path, settings: Settings) -> bool:
     return any(path.is_relative_to(root) for root in allowed_roots(settings))
 
 
-def _referenced(value: str, settings: Settings, session: Session) -> Path:
-    reference = checkpoint_reference(value)
-    assert reference is not None
+def _referenced(reference: CheckpointReference, settings: Settings, session: Session) -> Path:
     try:
         experiment = store.get_experiment(session, reference.experiment_id)
     except store.NotFound:
@@ -64,8 +62,9 @@ def _referenced(value: str, settings: Settings, session: Session) -> Path:
 
 def resolve_checkpoint(value: str, settings: Settings, session: Session) -> str:
     """The resolved absolute path of the checkpoint `value` names, or ValueError with a one-line reason."""
-    if checkpoint_reference(value) is not None:
-        return str(_referenced(value, settings, session))
+    reference = checkpoint_reference(value)
+    if reference is not None:
+        return str(_referenced(reference, settings, session))
     path = Path(value)
     if not path.is_absolute():
         raise ValueError("must be an absolute path or experiment:<id>[/<model>] (a relative path would depend on "

@@ -58,6 +58,7 @@ def test_lists_are_bounded():
     ("/" + "a" * 4096, "at most 4096 characters"),
     ("/" + "é" * 128 + "/x.pt", "longer than 255 bytes"),
     ("", "must name a file"),
+    ("/a\ud800.pt", "no lone surrogates"),
     ("experiment:", "a reference to another experiment is"),
     ("experiment:a/b/c", "a reference to another experiment is"),
     ("experiment:" + "a" * 65, "a reference to another experiment is"),
