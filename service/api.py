@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from igat_core import rundir
 from igat_core.spec import ExperimentSpec
 from igat_core.study_spec import StudySpec, StudySpecError, parse_study, plan_study
-from service import store, studies
+from service import admission, store, studies
 from service.auth import bearer, require_token
 from service.bodies import RawBody, invalid, json_body
 from service.db import session_scope
@@ -124,6 +124,12 @@ def healthz(request: Request) -> Health:
     return Health(status="ok", database="ok")
 
 
+def _refused(exc: admission.Refused, *, split: bool) -> RequestValidationError:
+    """A 422 like the spec's own: each field path (split into the body's keys when `split`) and its reason."""
+    return RequestValidationError([{"loc": ("body", *(path.split(".") if split else [path])), "msg": reason,
+                                    "type": "refused"} for path, reason in exc.problems])
+
+
 # --------------------------------------------------------------------------------------------- experiments
 
 
@@ -133,7 +139,8 @@ def healthz(request: Request) -> Health:
     response_model=ExperimentDetail,
     dependencies=[Depends(require_token)],
     tags=["experiments"],
-    responses={422: _json("invalid spec (the first problems, each with its field path and reason), or an "
+    responses={422: _json("invalid spec (the first problems, each with its field path and reason; also a "
+                          "base.checkpoint outside the allowed roots or an ensemble over the size limits), or an "
                           "Idempotency-Key reused with another body", InvalidOut)},
     openapi_extra=_body(ExperimentSpec),
 )
@@ -152,6 +159,10 @@ def submit_experiment(
     spec = _experiment(json_body(body))
     digest = request_hash(spec, priority)
     with session_scope(_sessions(request)) as session:
+        try:
+            spec = admission.admit_experiment(spec, _settings(request), session)
+        except admission.Refused as exc:
+            raise _refused(exc, split=True) from None
         experiment, created = store.create_experiment(
             session,
             spec=spec.model_dump(mode="json"),
@@ -242,7 +253,8 @@ def _study(body: Any) -> StudySpec:
     response_model=StudyDetail,
     dependencies=[Depends(require_token)],
     tags=["studies"],
-    responses={422: _json("invalid study (each field path, e.g. grid.igat.rule[2], and reason), or an "
+    responses={422: _json("invalid study (each field path, e.g. grid.igat.rule[2], and reason; also a "
+                          "base.checkpoint outside the allowed roots or an ensemble over the size limits), or an "
                           "Idempotency-Key reused with another body", InvalidOut)},
     openapi_extra=_body(StudySpec),
 )
@@ -259,6 +271,10 @@ def submit_study(
     plan = plan_study(study)
     digest = studies.request_hash(study, plan, priority)
     with session_scope(_sessions(request)) as session:
+        try:
+            plan = admission.admit_plan(study, plan, _settings(request), session)
+        except admission.Refused as exc:
+            raise _refused(exc, split=False) from None
         row, created = store.create_study(
             session, spec=study.model_dump(mode="json"), plan=plan, artifact_root=_settings(request).artifact_root,
             priority=priority, idempotency_key=idempotency_key, request_hash=digest,

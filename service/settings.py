@@ -21,6 +21,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from igat_core.spec import DEFAULT_SIZE_LIMITS, SizeLimits
+
 
 def _default_runner_command() -> list[str]:
     return [sys.executable, "-m", "igat_core.cli", "run"]
@@ -60,6 +62,20 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100, description="starts of one experiment before it is failed for good")
     cancel_grace_s: float = Field(10.0, ge=0.0, description="SIGTERM -> SIGKILL delay when cancelling a run")
     sse_poll_s: float = Field(0.5, gt=0.0, le=10.0, description="how often an event stream looks for new events")
+
+    # What a submission may ask for (service.admission).
+    checkpoint_roots: list[Path] = Field(
+        default_factory=list, description="directories, besides the artifact root and the data root, whose files "
+        "base.checkpoint may name (absolute paths, symlinks resolved; JSON list in env)")
+    max_parameters: int = Field(DEFAULT_SIZE_LIMITS.max_parameters, ge=1,
+                                description="the most parameters an experiment's ensemble may have, all members")
+    max_activation_bytes: int = Field(DEFAULT_SIZE_LIMITS.max_activation_bytes, ge=1,
+                                      description="the most bytes of float32 activations one forward pass of the "
+                                      "ensemble over the spec's largest batch may keep (igat_core.model_size)")
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits(self.max_parameters, self.max_activation_bytes)
 
 
 @lru_cache(maxsize=1)
