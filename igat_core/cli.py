@@ -184,17 +184,9 @@ def _checkpoint_dataset(path: Path, model_config, requested: str | None) -> str:
 
 
 def _load_checkpoint(path: Path):
-    import torch
+    from igat_core.ensemble import load_ensemble
 
-    from igat_core.ensemble import ensemble_from_checkpoint
-
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        return ensemble_from_checkpoint(payload).eval()
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"{path} is not a readable igat ensemble checkpoint ({exc})") from None
+    return load_ensemble(path)
 
 
 @app.command("eval")

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igat_core.dataset_info import DATASET_INFO, DATASETS, DatasetInfo, check_dataset_name, dataset_info
+
 __all__ = [
     "DATASETS",
     "SPLITS",
@@ -36,7 +38,6 @@ __all__ = [
     "split_indices",
 ]
 
-DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100")
 SPLITS = ("train", "val", "test")
 
 _TEST_FRACTION = 0.2
@@ -49,19 +50,6 @@ class DatasetUnavailable(RuntimeError):
     """A dataset's files are missing or unreadable; the message says where they are expected."""
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Shape, class count and the per-channel normalisation the models apply inside."""
-
-    name: str
-    channels: int
-    height: int
-    width: int
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
 @dataclass
 class Split:
     """One split in memory; the tensors are the caller's own (fresh copies)."""
@@ -72,15 +60,6 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-
-_INFO = {
-    "digits": DatasetInfo("digits", 1, 8, 8, 10, (0.3053,), (0.3760,)),
-    "mnist5k": DatasetInfo("mnist5k", 1, 28, 28, 10, (0.1313,), (0.3086,)),
-    "synthetic": DatasetInfo("synthetic", 3, 8, 8, 10, (0.4934, 0.4998, 0.4938), (0.2002, 0.2003, 0.2015)),
-    "cifar10": DatasetInfo("cifar10", 3, 32, 32, 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": DatasetInfo("cifar100", 3, 32, 32, 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-}
 
 
 @dataclass(frozen=True)
@@ -102,17 +81,6 @@ _CIFAR = {
     ),
     "cifar100": _CifarLayout("CIFAR-100", "cifar-100-python", ("train",), "test", "fine_labels"),
 }
-
-
-def _check_name(name: str) -> None:
-    if name not in _INFO:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    """Static facts about a dataset; loads no data."""
-    _check_name(name)
-    return _INFO[name]
 
 
 def _data_root(data_root: str | os.PathLike[str] | None) -> Path:
@@ -153,7 +121,7 @@ def _make_synthetic() -> tuple[np.ndarray, np.ndarray]:
     """10 classes of 3x8x8 images: a class prototype, circularly shifted by up to one pixel, with a random
     per-image contrast and brightness, plus Gaussian noise, clipped to [0,1]."""
     rng = np.random.RandomState(_SYNTHETIC_SEED)
-    num_classes = _INFO["synthetic"].num_classes
+    num_classes = DATASET_INFO["synthetic"].num_classes
     prototypes = rng.uniform(-1.0, 1.0, size=(num_classes, 3, 8, 8))
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), _SYNTHETIC_PER_CLASS)
     n = labels.shape[0]
@@ -203,7 +171,7 @@ def _load_cifar(name: str, root: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """Official train images (uint8 NCHW), train labels, test images, test labels, read from `root`."""
     layout = _CIFAR[name]
     folder = Path(root) / layout.folder
-    num_classes = _INFO[name].num_classes
+    num_classes = DATASET_INFO[name].num_classes
     try:
         train = _read_cifar_batches([folder / f for f in layout.train_files], layout.label_key, num_classes)
         test = _read_cifar_batches([folder / layout.test_file], layout.label_key, num_classes)
@@ -292,7 +260,7 @@ def _select(
     name: str, split: str, val_fraction: float, seed: int, data_root: str | os.PathLike[str] | None, download: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, indices into them) for one split, before `train_limit`."""
-    _check_name(name)
+    check_dataset_name(name)
     _check_split(split, val_fraction)
     seed = int(seed)
     if name in _CIFAR:
@@ -336,7 +304,7 @@ def load_dataset(
         idx = idx[:train_limit]
     x = torch.from_numpy(images[idx])
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return Split(images=x.contiguous(), labels=torch.from_numpy(labels[idx]), info=_INFO[name])
+    return Split(images=x.contiguous(), labels=torch.from_numpy(labels[idx]), info=DATASET_INFO[name])
 
 
 def equidistant_indices(n_total: int, n: int) -> torch.Tensor:

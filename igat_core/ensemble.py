@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -153,6 +154,8 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
 
 
 def ensemble_from_checkpoint(payload: Mapping, combiner: str | None = None) -> Ensemble:
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"not an igat ensemble checkpoint (it holds a {type(payload).__name__})")
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not an igat ensemble checkpoint (format {payload.get('format')!r})")
     config = ModelConfig.from_dict(payload["model"])
@@ -162,22 +165,58 @@ def ensemble_from_checkpoint(payload: Mapping, combiner: str | None = None) -> E
     return ensemble
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line naming the file and the reason."""
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    kind = "" if type(exc) is ValueError else f"{type(exc).__name__}: "
+    text = f"{kind}{lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def checkpoint_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Any failure inside the block (a missing key, a shape that does not fit) becomes a CheckpointError on `path`."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed payload raises is the same user error
+        raise CheckpointError(f"checkpoint {path} is not a usable ensemble checkpoint ({_first_line(exc)})") from None
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """`torch.load(path, weights_only=True)`, or a CheckpointError naming the file and why it cannot be read."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file (junk, truncated, a refused pickle) is the same
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+
+
 def load_ensemble(path: str | os.PathLike, combiner: str = "average",
                   map_location: str | torch.device = "cpu") -> Ensemble:
     """Load a saved ensemble in eval mode: images in [0,1] in, the ensemble's log-probabilities out."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    return ensemble_from_checkpoint(payload, combiner).eval()
+    payload = read_checkpoint(path, map_location)
+    with checkpoint_errors(path):
+        return ensemble_from_checkpoint(payload, combiner).eval()  # type: ignore[arg-type]
 
 
 def import_dverge_checkpoint(path: str | os.PathLike, config: ModelConfig, combiner: str = "average") -> Ensemble:
     """Import a DVERGE/iGAT release checkpoint {"model_0": state_dict, ...}; the member count comes from the file."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    keys = sorted((k for k in payload if k.startswith("model_")), key=lambda k: int(k.split("_")[1]))
-    if not keys:
-        raise ValueError(f"{path}: no 'model_<i>' entries; keys are {sorted(payload)[:5]}")
-    ensemble = Ensemble(config, len(keys), combiner)
-    for member, key in zip(ensemble.members, keys):
-        state = {k.removeprefix("model."): v for k, v in payload[key].items() if not k.startswith("normalizer.")}
-        net: Normalized = member  # type: ignore[assignment]
-        net.net.load_state_dict(state)
-    return ensemble.eval()
+    payload = read_checkpoint(path)
+    with checkpoint_errors(path):
+        if not isinstance(payload, Mapping):
+            raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not an ensemble")
+        keys = sorted((k for k in payload if k.startswith("model_")), key=lambda k: int(k.split("_")[1]))
+        if not keys:
+            raise CheckpointError(f"checkpoint {path} has no 'model_<i>' entries; keys are {sorted(payload)[:5]}")
+        ensemble = Ensemble(config, len(keys), combiner)
+        for member, key in zip(ensemble.members, keys):
+            state = {k.removeprefix("model."): v for k, v in payload[key].items() if not k.startswith("normalizer.")}
+            net: Normalized = member  # type: ignore[assignment]
+            net.net.load_state_dict(state)
+        return ensemble.eval()

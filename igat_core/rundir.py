@@ -200,7 +200,7 @@ def metric_rows(path: Path) -> dict[tuple[str, int], dict[str, Any]] | None:
 def _metric_row(line: bytes) -> tuple[str, int, dict[str, Any]] | None:
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         return None
     if not isinstance(record, dict):
         return None

@@ -22,7 +22,8 @@ import torch
 from igat_core.data import Split, dataset_info, equidistant_indices, load_dataset
 from igat_core.defenses import DEFENSES, BaseMethod, build_method
 from igat_core.defenses.base import MethodHooks
-from igat_core.ensemble import Ensemble, MethodState, import_dverge_checkpoint, load_ensemble, method_state
+from igat_core.ensemble import (CheckpointError, Ensemble, MethodState, checkpoint_errors, ensemble_from_checkpoint,
+                               import_dverge_checkpoint, load_ensemble, method_state, read_checkpoint)
 from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record
 from igat_core.igat import CONTROLS, FineTuning, IgatConfig, fine_tune_objective
 from igat_core.models import ModelConfig
@@ -31,7 +32,7 @@ from igat_core.results import results_record
 from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, REPORT_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
                               TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, read_json, write_json_atomic)
 from igat_core.runtime import torch_threads
-from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, dump_spec, load_spec
+from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, checkpoint_reference, dump_spec, load_spec
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
 
 MODELS: tuple[str, ...] = ("base", *CONTROLS, "igat")
@@ -184,9 +185,13 @@ def pretrain(ctx: RunContext, train: Split) -> dict[str, object]:
 
 def load_pretrained(spec: ExperimentSpec, path: str) -> tuple[Ensemble, MethodState | None]:
     """The ensemble of `base.checkpoint` and the method state saved with it (an igat checkpoint's)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint_reference(path) is not None:
+        raise CheckpointError(f"checkpoint {path} names an experiment of the service, which resolves it to a file "
+                              "when the spec is submitted; here, give the file's path")
+    payload = read_checkpoint(path)
     if isinstance(payload, dict) and "format" in payload:
-        return load_ensemble(path, spec.ensemble.combiner), method_state(payload)
+        with checkpoint_errors(path):
+            return ensemble_from_checkpoint(payload, spec.ensemble.combiner).eval(), method_state(payload)
     return import_dverge_checkpoint(path, model_config(spec), spec.ensemble.combiner), None
 
 
@@ -356,7 +361,11 @@ class Runner:
         if self.state.done(phase):
             return
         started = time.perf_counter()
-        made = body()
+        try:
+            made = body()
+        except Exception as exc:  # the reason in the run's events too; the traceback stays on stderr
+            self.context.log.event(phase, "failed", f"{phase} failed: {exc}", error=type(exc).__name__)
+            raise
         seconds = time.perf_counter() - started
         self.state.finish(phase, seconds, **(record(made) if record else {}))
         self.context.log.event(phase, "finished", f"{phase} finished in {seconds:.1f}s")

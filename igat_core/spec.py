@@ -2,17 +2,30 @@
 
 Importable without torch. A spec is read from YAML (`load_spec`) or JSON (the REST body); extra fields are
 forbidden and every number is bounded, so a typo is an error naming the field instead of a silent default.
-Perturbation sizes accept fractions written as strings ("8/255").
+Perturbation sizes accept fractions written as strings ("8/255"). No number may be NaN or infinite, and every
+list and string is bounded.
+
+`base.checkpoint` is a path (no NUL or control characters, at most MAX_PATH_LENGTH characters) or, for the
+service, `experiment:<id>[/<model>]`, another experiment's saved ensemble (`checkpoint_reference`); where a path
+may point is the service's rule, not the spec's. `size_problems` measures an ensemble against `SizeLimits`
+without building it; the service applies it with its own limits (IGAT_MAX_PARAMETERS,
+IGAT_MAX_ACTIVATION_BYTES).
 """
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
+
+from igat_core.dataset_info import dataset_info
+from igat_core.model_size import CLDL_HEAD_HIDDEN, MemberShape, MemberSize, member_size
 
 DatasetName = Literal["digits", "mnist5k", "cifar10", "cifar100", "synthetic"]
 Architecture = Literal["resnet20", "small_cnn", "mlp"]
@@ -23,6 +36,16 @@ RegularizerForm = Literal["paper", "per_member"]
 AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
 ModelMode = Literal["eval", "train"]
 ControlName = Literal["continued", "global_at"]
+
+MAX_PATH_LENGTH = 4096
+MAX_PATH_SEGMENT = 255
+MAX_PARAM_STRING = 256
+MAX_MILESTONES = 256
+#: `base.checkpoint: experiment:<id>[/<model>]`: the saved ensemble `model` (default base) of another experiment.
+EXPERIMENT_REFERENCE = "experiment:"
+REFERENCE_MODELS = ("base", "igat", *get_args(ControlName))
+_REFERENCE = re.compile(r"experiment:(?P<id>[A-Za-z0-9_-]{1,64})(?:/(?P<model>[A-Za-z0-9_]{1,32}))?")
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 # The `base.params` names each method's constructor takes (igat_core.defenses; test_defenses keeps the two equal),
 # so that a misspelt parameter is refused when the spec is read rather than when its run starts.
@@ -50,11 +73,78 @@ def _parse_fraction(value: Any) -> Any:
     return value
 
 
-Perturbation = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0, le=1.0)]
+_Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+#: A number in [0, 1], or a fraction written as a string; the JSON schema says both (bounds as minimum/maximum).
+Perturbation = Annotated[_Unit, BeforeValidator(_parse_fraction, json_schema_input_type=_Unit | Annotated[
+    str, Field(pattern=r"^ *[0-9]+(\.[0-9]*)? *(/ *[0-9]+ *)?$", description="a fraction such as '8/255'")])]
+
+
+#: For the JSON schema of lists a validator keeps free of repeats (and non-empty).
+_UNIQUE = {"uniqueItems": True}
+_UNIQUE_NON_EMPTY = {"uniqueItems": True, "minItems": 1}
+
+
+def _param_value(value: Any) -> Any:
+    """A `base.params` value: a finite number, true/false, or a short string (the method checks its range)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ValueError("must be an integer within the signed 64-bit range")
+    if isinstance(value, str) and len(value) > MAX_PARAM_STRING:
+        raise ValueError(f"must be a string of at most {MAX_PARAM_STRING} characters, got {len(value)}")
+    if not isinstance(value, bool | int | float | str):
+        raise ValueError(f"must be a number, true/false or a string, got {type(value).__name__}")
+    return value
+
+
+# The Field bounds repeat what the validators check so that the JSON Schema shows them to clients.
+ParamValue = Annotated[float | int | bool | Annotated[str, Field(max_length=MAX_PARAM_STRING)],
+                       BeforeValidator(_param_value)]
+
+
+@dataclass(frozen=True)
+class CheckpointReference:
+    """`experiment:<id>[/<model>]`: the saved ensemble `model` of the experiment `experiment_id`."""
+
+    experiment_id: str
+    model: str = "base"
+
+
+def checkpoint_reference(value: str) -> CheckpointReference | None:
+    """The reference `value` writes, None when it is a path; a malformed reference raises ValueError."""
+    if not value.startswith(EXPERIMENT_REFERENCE):
+        return None
+    match = _REFERENCE.fullmatch(value)
+    if match is None or (match["model"] or "base") not in REFERENCE_MODELS:
+        raise ValueError(f"a reference to another experiment is experiment:<id> or experiment:<id>/<model> with "
+                         f"<model> one of {', '.join(REFERENCE_MODELS)}")
+    return CheckpointReference(match["id"], match["model"] or "base")
+
+
+def _checkpoint_form(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value  # None, or a type the field refuses
+    if len(value) > MAX_PATH_LENGTH:
+        raise ValueError(f"must be at most {MAX_PATH_LENGTH} characters, got {len(value)}")
+    if not value.strip():
+        raise ValueError("must name a file (or be left out)")
+    if _CONTROL_CHARACTER.search(value):
+        raise ValueError("must not contain NUL or other control characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be text that UTF-8 can encode (no lone surrogates)") from None
+    if checkpoint_reference(value) is None and any(len(part.encode()) > MAX_PATH_SEGMENT for part in value.split("/")):
+        raise ValueError(f"a path segment is longer than {MAX_PATH_SEGMENT} bytes")
+    return value
+
+
+CheckpointValue = Annotated[Annotated[str, Field(max_length=MAX_PATH_LENGTH)] | None,
+                            BeforeValidator(_checkpoint_form)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
@@ -80,7 +170,8 @@ class OptimSpec(_Strict):
     lr: float = Field(gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
-    milestones: list[int] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
+    milestones: list[int] = Field(default_factory=list, max_length=MAX_MILESTONES,
+                                  description="epochs at which lr is multiplied by gamma: strictly increasing, each >= 1")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
@@ -101,8 +192,13 @@ class AttackSpec(_Strict):
 
 class BaseSpec(_Strict):
     method: BaseMethodName = "plain"
-    params: dict[str, float | int | bool | str] = Field(default_factory=dict, description="method-specific settings")
-    checkpoint: str | None = Field(None, description="pretrained ensemble to load instead of training one")
+    params: dict[Annotated[str, Field(max_length=64)], ParamValue] = Field(
+        default_factory=dict, max_length=64, description="method-specific settings; only the names base.method's "
+        "constructor takes")
+    checkpoint: CheckpointValue = Field(
+        None, description="pretrained ensemble to load instead of training one: a path, or (service) "
+        "experiment:<id>[/<model>], the saved ensemble of another experiment (model: base, igat or a control; "
+        "default base)")
     train: OptimSpec = Field(
         default_factory=lambda: OptimSpec(epochs=200, batch_size=128, lr=0.1, milestones=[100, 150], gamma=0.1)
     )
@@ -145,13 +241,16 @@ class IgatSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"],
-                                      description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits")
+    attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"], max_length=len(get_args(AttackName)),
+                                      json_schema_extra=_UNIQUE_NON_EMPTY,
+                                      description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits; "
+                                      "at least one, none repeated")
     eps: Perturbation = 8 / 255
     step: Perturbation = Field(2 / 255, description="step of PGD, CW-L-inf and MIM")
     steps: int = Field(20, ge=1, le=10_000, description="iterations of PGD, CW-L-inf and MIM")
     n_examples: int = Field(1000, ge=1, le=1_000_000, description="equidistant examples of the test split")
-    combiners: list[Combiner] = Field(default_factory=lambda: ["average", "max"])
+    combiners: list[Combiner] = Field(default_factory=lambda: ["average", "max"], max_length=len(get_args(Combiner)),
+                                      json_schema_extra=_UNIQUE_NON_EMPTY, description="at least one, none repeated")
     batch_size: int = Field(500, ge=1, le=65_536)
     cw_kappa: float = Field(50.0, ge=0.0, le=1e4, description="CW margin cap: the loss stops at margin -kappa")
     mim_decay: float = Field(1.0, ge=0.0, le=10.0, description="MIM momentum decay mu")
@@ -226,13 +325,13 @@ class TuneSpec(_Strict):
     the combined ensemble on the validation split (never the test split); the best pair is then used by `igat`.
     `igat run` (no Ray) refuses a spec with the search enabled."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="needs igat.enabled")
     mode: TuneMode = Field("grid", description="grid: every alphas x betas pair; random: num_samples pairs drawn "
                            "uniformly from [min, max] of alphas and betas; asha: random plus ASHA early stopping")
     alphas: list[Annotated[float, Field(ge=0.0, le=1e4)]] = Field(
-        default_factory=lambda: [1.0, 5.0, 10.0], min_length=1, max_length=64)
+        default_factory=lambda: [1.0, 5.0, 10.0], min_length=1, max_length=64, json_schema_extra=_UNIQUE)
     betas: list[Annotated[float, Field(ge=0.0, le=1e4)]] = Field(
-        default_factory=lambda: [5.0, 10.0, 20.0], min_length=1, max_length=64)
+        default_factory=lambda: [5.0, 10.0, 20.0], min_length=1, max_length=64, json_schema_extra=_UNIQUE)
     num_samples: int = Field(1, ge=1, le=1000, description="random/asha: trials drawn; grid: repeats of the grid")
     epochs: int | None = Field(None, ge=1, le=10_000, description="fine-tune epochs per trial; default igat.train")
     val_examples: int = Field(256, ge=1, le=1_000_000, description="equidistant validation examples scored")
@@ -258,10 +357,10 @@ class ExperimentSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tune: TuneSpec = Field(default_factory=TuneSpec)
     controls: list[ControlName] = Field(
-        default_factory=list, max_length=2,
+        default_factory=list, max_length=2, json_schema_extra=_UNIQUE,
         description="equal-budget control models fine-tuned from the same base with iGAT's budget (igat.train, "
         "seed): continued (L_E alone), global_at (L_E + alpha * ensemble adversarial training on the same global "
-        "adversarial examples)")
+        "adversarial examples); none repeated, and only with igat.enabled")
 
     @model_validator(mode="after")
     def _tune_needs_igat(self) -> ExperimentSpec:
@@ -276,6 +375,98 @@ class ExperimentSpec(_Strict):
         if self.controls and not self.igat.enabled:
             raise ValueError("controls need igat.enabled: each control gets the iGAT fine-tune's budget")
         return self
+
+
+# ------------------------------------------------------------------------------------------------ ensemble size
+
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """The largest ensemble a submission may ask for (the service's IGAT_MAX_PARAMETERS and
+    IGAT_MAX_ACTIVATION_BYTES default to these)."""
+
+    max_parameters: int = 1_000_000_000
+    max_activation_bytes: int = 64 * 2**30
+
+
+DEFAULT_SIZE_LIMITS = SizeLimits()
+
+
+@dataclass(frozen=True)
+class EnsembleSize:
+    """The members' parameters and the float32 activations of one forward pass over the largest batch the spec
+    runs (igat_core.model_size says what is counted)."""
+
+    members: int
+    member: MemberSize
+    batch_size: int
+
+    @property
+    def parameters(self) -> int:
+        return self.members * self.member.parameters
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.members * self.member.activations * self.batch_size * FLOAT32_BYTES
+
+
+def _whole_number(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def member_shape(spec: ExperimentSpec) -> MemberShape:
+    """The member the runner builds: the dataset's shape, the ensemble's architecture and width, and the modules a
+    base method adds (CLDL's hidden head on ResNet-20, SoE's auxiliary head; see their `configure_model`)."""
+    info = dataset_info(spec.dataset.name)
+    e, base = spec.ensemble, spec.base
+    head_hidden = 0
+    if base.method == "cldl" and e.architecture == "resnet20":
+        head_hidden = _whole_number(base.params.get("head_hidden", CLDL_HEAD_HIDDEN))
+    return MemberShape(e.architecture, info.channels, info.height, info.width, info.num_classes, e.width,
+                       head_hidden, aux_head=base.method == "soe")
+
+
+def ensemble_size(spec: ExperimentSpec) -> EnsembleSize:
+    batches = [spec.eval.batch_size]
+    if not spec.base.checkpoint:
+        batches.append(spec.base.train.batch_size)
+    if spec.igat.enabled:
+        batches.append(spec.igat.train.batch_size)
+    return EnsembleSize(spec.ensemble.members, member_size(member_shape(spec)), max(batches))
+
+
+def _count(n: float) -> str:
+    mantissa, exponent = f"{n:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 2**10:.3g} KiB"
+
+
+def size_problems(spec: ExperimentSpec, limits: SizeLimits = DEFAULT_SIZE_LIMITS) -> list[tuple[str, str]]:
+    """(field path, reason) when the ensemble's parameters or activations exceed `limits`; empty when it fits."""
+    size = ensemble_size(spec)
+    e = spec.ensemble
+    what = f"{e.members} members x width {e.width} of {e.architecture} on {spec.dataset.name}"
+    problems = []
+    if size.parameters > limits.max_parameters:
+        problems.append(("ensemble", f"{what} is about {_count(size.parameters)} parameters "
+                         f"({_bytes(size.parameters * FLOAT32_BYTES)} in float32); the limit is "
+                         f"{_count(limits.max_parameters)} (IGAT_MAX_PARAMETERS)"))
+    if size.activation_bytes > limits.max_activation_bytes:
+        problems.append(("ensemble", f"{what} at batch size {size.batch_size} keeps about "
+                         f"{_bytes(size.activation_bytes)} of float32 activations in one forward pass; the limit is "
+                         f"{_bytes(limits.max_activation_bytes)} (IGAT_MAX_ACTIVATION_BYTES): fewer members, a "
+                         "smaller width or smaller batch sizes"))
+    return problems
 
 
 class SpecError(ValueError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,9 +36,29 @@ ARM_SECTIONS = ("igat", "controls")
 SHARED_BASE_EXCLUDED = frozenset({"name", "igat", "controls", "eval", "tune", "resources"})
 MAX_EXPERIMENTS = 2000
 MAX_PROBLEMS = 20
+MAX_ENTRIES = 256
+MAX_DEPTH = 16
 
 Name = Annotated[str, Field(min_length=1, max_length=48, pattern=NAME_PATTERN)]
-Overrides = dict[str, Any]
+FieldPath = Annotated[str, Field(min_length=1, max_length=256)]
+Overrides = Annotated[dict[FieldPath, Any], Field(max_length=MAX_ENTRIES)]
+
+
+def non_finite_problems(value: Any, path: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    """(field path, reason) for every NaN or infinite number inside `value`, and for nesting deeper than MAX_DEPTH
+    (what the study's free-form fields hold becomes spec values only after expansion)."""
+    where = path or "(root)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(where, f"must be a finite number, got {value}")]
+    if isinstance(value, dict | list) and depth >= MAX_DEPTH:
+        return [(where, f"nested deeper than {MAX_DEPTH} levels")]
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return []
+    return [problem for sub, v in items for problem in non_finite_problems(v, sub, depth + 1)][:MAX_PROBLEMS]
 
 
 class StudyProblems(ValueError):
@@ -61,16 +82,27 @@ class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    description: str = ""
+    description: str = Field("", max_length=4096)
     experiment: dict[str, Any] = Field(default_factory=dict, description="the base ExperimentSpec of every run")
-    variants: dict[Name, Overrides] = Field(default_factory=dict, description="named override sets, one grid "
-                                            "axis (e.g. one per base method with its params and training)")
-    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
-        default_factory=dict, description="dotted field path -> values; the cartesian product of all axes")
+    variants: dict[Name, Overrides] = Field(default_factory=dict, max_length=MAX_ENTRIES,
+                                            description="named override sets, one grid axis (e.g. one per base "
+                                            "method with its params and training)")
+    grid: dict[FieldPath, Annotated[list[Any], Field(min_length=1, max_length=MAX_EXPERIMENTS)]] = Field(
+        default_factory=dict, max_length=MAX_ENTRIES,
+        description="dotted field path -> values; the cartesian product of all axes")
     arms: dict[Name, Overrides] = Field(default_factory=lambda: {DEFAULT_ARM: {}}, min_length=1,
+                                        max_length=MAX_ENTRIES,
                                         description="named igat.* / controls overrides on every grid point")
     reference_arm: Name = Field(DEFAULT_ARM, description="the arm the others are compared with (Table 3)")
-    tables: list[TableName] = Field(default_factory=lambda: ["table1", "table2"])
+    tables: list[TableName] = Field(default_factory=lambda: ["table1", "table2"], max_length=3)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        problems = non_finite_problems(data) if isinstance(data, dict) else []
+        if problems:
+            raise StudyProblems(problems)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:

@@ -2,7 +2,9 @@
 
 SGD with momentum and a multi-step learning-rate schedule; a checkpoint after every epoch; a rerun resumes from
 the last one. Shuffling and the objective's randomness are seeded per epoch, so a resumed run draws the same
-batches as an uninterrupted one. `report(metrics, checkpoint_dir)` is called after each epoch's checkpoint.
+batches as an uninterrupted one. `report(metrics, checkpoint_dir)` is called after each epoch's checkpoint. A loss
+that becomes NaN or infinite stops the phase at that batch, before its step, with `TrainingDiverged` (that epoch's
+checkpoint is not written: the last one holds finite weights).
 
 Data-parallel training (the Ray Train workers): every rank draws the same permutation, each global batch is
 split across ranks, each rank's loss is the mean over its shard, and `gradient_sync` (for example an all-reduce
@@ -13,6 +15,7 @@ rank 0 writes checkpoints. Members are not wrapped in DDP: the objectives call e
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +52,36 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     optimizer: str = "sgd"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss of a training phase became NaN or infinite."""
+
+    def __init__(self, phase: str, epoch: int, batch: int, batches: int, loss: float, lr: float):
+        self.phase, self.epoch, self.batch, self.batches, self.loss, self.lr = phase, epoch, batch, batches, loss, lr
+        super().__init__(f"training diverged: the {phase} loss became {loss} at epoch {epoch}, batch {batch} of "
+                         f"{batches}; the learning rate is likely too high (lr={lr:g}): lower it")
+
+    def __reduce__(self):  # picklable with its fields (Ray sends a worker's exception to the driver)
+        return type(self), (self.phase, self.epoch, self.batch, self.batches, self.loss, self.lr)
+
+
+def divergence_in(exc: BaseException) -> TrainingDiverged | None:
+    """The `TrainingDiverged` that `exc` wraps, if any (a Ray Train error carries the worker's exception as a
+    cause, a ``cause`` attribute or among its ``worker_failures``), as a plain one."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        found = pending.pop()
+        if not isinstance(found, BaseException) or id(found) in seen:
+            continue
+        seen.add(id(found))
+        if isinstance(found, TrainingDiverged) and hasattr(found, "phase"):
+            return TrainingDiverged(found.phase, found.epoch, found.batch, found.batches, found.loss, found.lr)
+        failures = getattr(found, "worker_failures", None)
+        pending += [found.__cause__, found.__context__, getattr(found, "cause", None),
+                    *(failures.values() if isinstance(failures, dict) else ())]
+    return None
 
 
 @dataclass
@@ -155,21 +188,25 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
         totals: dict[str, float] = {}
         seen = 0
         bar = tqdm(batches, desc=f"{phase} {epoch}/{config.epochs}", leave=False, disable=not progress or rank != 0)
-        for idx in bar:
+        for number, idx in enumerate(bar, start=1):
             x, y = images[idx], labels[idx]
             if config.augment:
                 x = augment_crop_flip(x, generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = objective(ensemble, x, y, generator)
+            loss = float(out.loss.detach())
+            if not math.isfinite(loss):
+                bar.close()  # leaves the line the error is printed on clean
+                raise TrainingDiverged(phase, epoch, number, len(batches), loss, optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if gradient_sync is not None:
                 gradient_sync(parameters)
             optimizer.step()
-            for key, value in {**out.metrics, "loss": float(out.loss.detach())}.items():
+            for key, value in {**out.metrics, "loss": loss}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(y)
             seen += len(y)
-            bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = {"phase": phase, "epoch": epoch, "lr": lr, **{k: v / max(seen, 1) for k, v in totals.items()}}

@@ -1,4 +1,5 @@
-"""REST routes (see DESIGN.md "REST"). Reads are open; mutations need ``Authorization: Bearer <token>``.
+"""REST routes (see DESIGN.md "REST"). Mutations need ``Authorization: Bearer <token>``, and so do reads unless
+``IGAT_OPEN_READS`` (the local-development default): ``service.guard`` checks it before a body is read.
 
 Submission body: the bare ExperimentSpec as JSON (what ``igat run`` reads from YAML), priority as a query
 parameter: ``POST /experiments?priority=5``. Higher priorities run first; equal priorities run oldest first.
@@ -15,18 +16,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import ValidationError
 
 from igat_core import rundir
 from igat_core.spec import ExperimentSpec
 from igat_core.study_spec import StudySpec, StudySpecError, parse_study, plan_study
-from service import store, studies
-from service.auth import require_token
+from service import admission, store, studies
+from service.auth import bearer, require_token
+from service.bodies import RawBody, invalid, json_body
 from service.db import session_scope
 from service.models import FAILED, SUCCEEDED, TERMINAL
+from service.storable import storable_json
 from service.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -36,6 +40,7 @@ from service.schemas import (
     ExperimentOut,
     ExperimentPage,
     Health,
+    InvalidOut,
     MetricOut,
     MetricPage,
     Status,
@@ -44,19 +49,46 @@ from service.schemas import (
     StudyPage,
 )
 
-router = APIRouter()
+#: Models the OpenAPI document carries in components/schemas although no route declares them as a body or
+#: response model (``service.app`` adds them; the routes read their bodies themselves: ``service.bodies``).
+DOCUMENTED_MODELS = (ExperimentSpec, StudySpec, ErrorOut, InvalidOut)
 
-NOT_FOUND = {404: {"model": ErrorOut, "description": "no experiment with that id"}}
-STUDY_NOT_FOUND = {404: {"model": ErrorOut, "description": "no study with that id"}}
-AUTH = {
-    401: {"model": ErrorOut, "description": "missing or invalid bearer token"},
-    503: {"model": ErrorOut, "description": "the server has no API token configured: mutations are disabled"},
+
+def _json(description: str, model: type = ErrorOut) -> dict[str, Any]:
+    """A documented JSON response; spelt out (not ``model=``) so that the SSE route documents it as JSON too."""
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+
+def _body(model: type) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+#: What any route but /healthz may answer besides its own responses.
+COMMON = {
+    400: _json("a malformed header or path, or a value the database cannot store or look up (e.g. a NUL "
+               "character)"),
+    401: _json("missing or invalid bearer token (every mutation; every read when IGAT_OPEN_READS=false)"),
+    413: _json("the request body is larger than IGAT_MAX_BODY_BYTES"),
+    422: _json("invalid request: the first problems, each with its field path and reason (`omitted` counts the "
+               "rest), or one reason", InvalidOut),
+    503: _json("the database is unavailable, or the server has no API token configured (then every route that "
+               "needs the token is disabled)"),
 }
+router = APIRouter()
+api = APIRouter(responses=COMMON, dependencies=[Depends(bearer)])
+
+NOT_FOUND = {404: _json("no experiment with that id")}
+STUDY_NOT_FOUND = {404: _json("no study with that id")}
 SSE_BATCH = 500
 MAX_INT = 2**31 - 1
 INLINE_TYPES = {".json", ".md", ".txt", ".log", ".yaml", ".yml", ".jsonl", ".csv", ".png", ".svg"}
-TEXT_TYPES = {".md": "text/markdown", ".jsonl": "application/x-ndjson", ".log": "text/plain",
-              ".yaml": "application/yaml", ".yml": "application/yaml"}
+MEDIA_TYPES = {".md": "text/markdown", ".jsonl": "application/x-ndjson", ".log": "text/plain",
+               ".yaml": "application/yaml", ".yml": "application/yaml", ".pt": "application/octet-stream",
+               ".pth": "application/octet-stream"}
+#: The longest file name (bytes) of Linux file systems; a longer segment names no artifact.
+NAME_MAX = 255
 
 
 def _sessions(request: Request):
@@ -92,23 +124,28 @@ def healthz(request: Request) -> Health:
     return Health(status="ok", database="ok")
 
 
+def _refused(exc: admission.Refused, *, split: bool) -> RequestValidationError:
+    """A 422 like the spec's own: each field path (split into the body's keys when `split`) and its reason."""
+    return RequestValidationError([{"loc": ("body", *(path.split(".") if split else [path])), "msg": reason,
+                                    "type": "refused"} for path, reason in exc.problems])
+
+
 # --------------------------------------------------------------------------------------------- experiments
 
 
-@router.post(
+@api.post(
     "/experiments",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ExperimentDetail,
     dependencies=[Depends(require_token)],
     tags=["experiments"],
-    responses={
-        **AUTH,
-        422: {"description": "invalid spec (each field path and reason), or an Idempotency-Key reused with "
-              "another body"},
-    },
+    responses={422: _json("invalid spec (the first problems, each with its field path and reason; also a "
+                          "base.checkpoint outside the allowed roots or an ensemble over the size limits), or an "
+                          "Idempotency-Key reused with another body", InvalidOut)},
+    openapi_extra=_body(ExperimentSpec),
 )
 def submit_experiment(
-    spec: ExperimentSpec,
+    body: RawBody,
     request: Request,
     response: Response,
     priority: Annotated[int, Query(ge=-1000, le=1000, description="higher runs first")] = 0,
@@ -119,8 +156,13 @@ def submit_experiment(
     ] = None,
 ) -> ExperimentDetail:
     """Queue an experiment. The body is an ExperimentSpec (JSON); answers 202 with a Location header."""
+    spec = _experiment(json_body(body))
     digest = request_hash(spec, priority)
     with session_scope(_sessions(request)) as session:
+        try:
+            spec = admission.admit_experiment(spec, _settings(request), session)
+        except admission.Refused as exc:
+            raise _refused(exc, split=True) from None
         experiment, created = store.create_experiment(
             session,
             spec=spec.model_dump(mode="json"),
@@ -135,7 +177,7 @@ def submit_experiment(
     return ExperimentDetail.of(experiment)
 
 
-@router.get("/experiments", response_model=ExperimentPage, tags=["experiments"])
+@api.get("/experiments", response_model=ExperimentPage, tags=["experiments"])
 def list_experiments(
     request: Request,
     status_: Annotated[list[Status] | None, Query(alias="status", description="repeat to OR several")] = None,
@@ -149,20 +191,20 @@ def list_experiments(
     return ExperimentPage(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/experiments/{experiment_id}", response_model=ExperimentDetail, tags=["experiments"],
+@api.get("/experiments/{experiment_id}", response_model=ExperimentDetail, tags=["experiments"],
             responses=NOT_FOUND)
 def get_experiment(experiment_id: str, request: Request) -> ExperimentDetail:
     with session_scope(_sessions(request)) as session:
         return ExperimentDetail.of(store.get_experiment(session, experiment_id))
 
 
-@router.post(
+@api.post(
     "/experiments/{experiment_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ExperimentOut,
     dependencies=[Depends(require_token)],
     tags=["experiments"],
-    responses={**AUTH, **NOT_FOUND, 409: {"model": ErrorOut, "description": "the experiment already finished"}},
+    responses={**NOT_FOUND, 409: _json("the experiment already finished")},
 )
 def cancel_experiment(experiment_id: str, request: Request) -> ExperimentOut:
     """Queued: cancelled at once. Running: ``cancelling`` until the dispatcher has stopped the process."""
@@ -182,8 +224,21 @@ IDEMPOTENCY_KEY = Header(alias="Idempotency-Key", min_length=1, max_length=255,
                          description="same key + same body: the first response again; same key + other body: 422")
 
 
-def _study(body: dict[str, Any]) -> StudySpec:
-    """The StudySpec of a request body, or a 422 naming each problem's field (as for an ExperimentSpec)."""
+def _experiment(body: Any) -> ExperimentSpec:
+    """The ExperimentSpec of a decoded request body, or a 422 naming each problem's field."""
+    try:
+        return ExperimentSpec.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
+             for e in exc.errors(include_url=False, include_context=False, include_input=False)]
+        ) from None
+
+
+def _study(body: Any) -> StudySpec:
+    """The StudySpec of a decoded request body, or a 422 naming each problem's field (as for an ExperimentSpec)."""
+    if not isinstance(body, dict):
+        raise invalid((), "expected a JSON object (a dictionary of StudySpec fields)", "dict_type")
     try:
         return parse_study(body, "(request body)")
     except StudySpecError as exc:
@@ -192,29 +247,34 @@ def _study(body: dict[str, Any]) -> StudySpec:
         ) from None
 
 
-@router.post(
+@api.post(
     "/studies",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=StudyDetail,
     dependencies=[Depends(require_token)],
     tags=["studies"],
-    responses={**AUTH, 422: {"description": "invalid study (each field path, e.g. grid.igat.rule[2], and "
-                             "reason), or an Idempotency-Key reused with another body"}},
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": StudySpec.model_json_schema()}}}},
+    responses={422: _json("invalid study (each field path, e.g. grid.igat.rule[2], and reason; also a "
+                          "base.checkpoint outside the allowed roots or an ensemble over the size limits), or an "
+                          "Idempotency-Key reused with another body", InvalidOut)},
+    openapi_extra=_body(StudySpec),
 )
 def submit_study(
-    body: Annotated[dict[str, Any], Body(description="a StudySpec (what `igat study` reads from YAML)")],
+    body: RawBody,
     request: Request,
     response: Response,
     priority: Annotated[int, Query(ge=-1000, le=1000, description="of every run; higher runs first")] = 0,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> StudyDetail:
     """Queue every experiment of a study's plan; the runs that share a pretrained base wait for the one that
-    trains it. Answers 202 with a Location header."""
-    study = _study(body)
+    trains it. The body is a StudySpec (what `igat study` reads from YAML); answers 202 with a Location header."""
+    study = _study(json_body(body))
     plan = plan_study(study)
     digest = studies.request_hash(study, plan, priority)
     with session_scope(_sessions(request)) as session:
+        try:
+            plan = admission.admit_plan(study, plan, _settings(request), session)
+        except admission.Refused as exc:
+            raise _refused(exc, split=False) from None
         row, created = store.create_study(
             session, spec=study.model_dump(mode="json"), plan=plan, artifact_root=_settings(request).artifact_root,
             priority=priority, idempotency_key=idempotency_key, request_hash=digest,
@@ -226,7 +286,7 @@ def submit_study(
     return detail
 
 
-@router.get("/studies", response_model=StudyPage, tags=["studies"])
+@api.get("/studies", response_model=StudyPage, tags=["studies"])
 def list_studies(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -240,7 +300,7 @@ def list_studies(
     return StudyPage(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/studies/{study_id}", response_model=StudyDetail, tags=["studies"], responses=STUDY_NOT_FOUND)
+@api.get("/studies/{study_id}", response_model=StudyDetail, tags=["studies"], responses=STUDY_NOT_FOUND)
 def get_study(study_id: str, request: Request) -> StudyDetail:
     """The study with each run's status, arm, grid point and dependency, in plan order."""
     with session_scope(_sessions(request)) as session:
@@ -248,7 +308,7 @@ def get_study(study_id: str, request: Request) -> StudyDetail:
         return StudyDetail.of(row, store.study_experiments(session, [study_id])[study_id])
 
 
-@router.get(
+@api.get(
     "/studies/{study_id}/results",
     tags=["studies"],
     responses={200: {"description": f"the study's {rundir.RESULTS_FILE} as `igat study` writes it (runs, counts, "
@@ -258,16 +318,16 @@ def get_study_results(study_id: str, request: Request) -> JSONResponse:
     with session_scope(_sessions(request)) as session:
         row = store.get_study(session, study_id)
         runs = store.study_experiments(session, [study_id])[study_id]
-    return JSONResponse(studies.results(row, runs, Path(_settings(request).artifact_root)))
+    return JSONResponse(storable_json(studies.results(row, runs, Path(_settings(request).artifact_root))))
 
 
-@router.post(
+@api.post(
     "/studies/{study_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=StudyDetail,
     dependencies=[Depends(require_token)],
     tags=["studies"],
-    responses={**AUTH, **STUDY_NOT_FOUND, 409: {"model": ErrorOut, "description": "every run already finished"}},
+    responses={**STUDY_NOT_FOUND, 409: _json("every run already finished")},
 )
 def cancel_study(study_id: str, request: Request) -> StudyDetail:
     """Cancel every unfinished run (queued: at once; running: through cancelling, as for one experiment)."""
@@ -306,11 +366,12 @@ def _stream_start(
     return experiment_id, start
 
 
-@router.get(
+@api.get(
     "/experiments/{experiment_id}/events",
     response_class=EventSourceResponse,
     tags=["experiments"],
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, 400: _json("Last-Event-ID is not a seq between 0 and 2**31 - 1, or a value the "
+                                       "database cannot look up")},
 )
 async def stream_events(
     request: Request, start: Annotated[tuple[str, int], Depends(_stream_start)]
@@ -345,7 +406,7 @@ async def stream_events(
             await anyio.sleep(poll_s)
 
 
-@router.get("/experiments/{experiment_id}/metrics", response_model=MetricPage, tags=["experiments"],
+@api.get("/experiments/{experiment_id}/metrics", response_model=MetricPage, tags=["experiments"],
             responses=NOT_FOUND)
 def get_metrics(
     experiment_id: str,
@@ -371,13 +432,13 @@ def _run_dir(request: Request, experiment) -> Path:
     return rundir.run_dir_of(_settings(request).artifact_root, experiment.id)
 
 
-@router.get(
+@api.get(
     "/results/{experiment_id}",
     tags=["results"],
     responses={
         200: {"description": f"the experiment's {rundir.RESULTS_FILE}, as the runner wrote it"},
         **NOT_FOUND,
-        409: {"model": ErrorOut, "description": "the experiment has not succeeded (yet)"},
+        409: _json("the experiment has not succeeded (yet)"),
     },
 )
 def get_results(experiment_id: str, request: Request) -> JSONResponse:
@@ -398,10 +459,10 @@ def get_results(experiment_id: str, request: Request) -> JSONResponse:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} succeeded but its {rundir.RESULTS_FILE} is missing"
         )
-    return JSONResponse(content)
+    return JSONResponse(storable_json(content))  # a NaN accuracy is "NaN": strict JSON, as every response
 
 
-@router.get("/results/{experiment_id}/artifacts", response_model=ArtifactList, tags=["results"],
+@api.get("/results/{experiment_id}/artifacts", response_model=ArtifactList, tags=["results"],
             responses=NOT_FOUND)
 def list_artifacts(experiment_id: str, request: Request) -> ArtifactList:
     """Files of the run directory (recorded when the run ended; listed live while it runs)."""
@@ -420,25 +481,34 @@ def resolve_artifact(root: Path, raw: str) -> Path:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid artifact path")
     if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "artifact paths are relative to the run directory")
-    if any(part in ("", ".", "..") for part in raw.split("/")):
+    parts = raw.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "artifact paths may not contain '.', '..' or empty segments")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in parts):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"artifact path segments are at most {NAME_MAX} bytes long")
     base = root.resolve()
-    target = (base / raw).resolve()
-    if not target.is_relative_to(base):
+    try:
+        target = (base / raw).resolve()
+        inside, is_file = target.is_relative_to(base), target.is_file()
+    except (OSError, ValueError):  # e.g. a path longer than the system allows: it names no file
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {raw!r}") from None
+    if not inside:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "artifact path leads outside the experiment's directory")
-    if not target.is_file():
+    if not is_file:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {raw!r}")
     return target
 
 
-@router.get(
+@api.get(
     "/results/{experiment_id}/artifacts/{path:path}",
     response_class=FileResponse,
     tags=["results"],
     responses={
+        200: {"description": "the file, with the media type of its name (application/octet-stream when unknown)",
+              "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
         **NOT_FOUND,
-        400: {"model": ErrorOut, "description": "malformed path ('..', absolute, ...)"},
-        403: {"model": ErrorOut, "description": "the path leads outside the experiment's run directory"},
+        400: _json(f"malformed path ('..', absolute, a segment longer than {NAME_MAX} bytes, ...)"),
+        403: _json("the path leads outside the experiment's run directory"),
     },
 )
 def get_artifact(experiment_id: str, path: str, request: Request) -> FileResponse:
@@ -450,7 +520,7 @@ def get_artifact(experiment_id: str, path: str, request: Request) -> FileRespons
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} has no files yet")
     target = resolve_artifact(root, path)
     suffix = target.suffix.lower()
-    media_type = TEXT_TYPES.get(suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    media_type = MEDIA_TYPES.get(suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
     return FileResponse(
         target,
         media_type=media_type,
@@ -458,3 +528,6 @@ def get_artifact(experiment_id: str, path: str, request: Request) -> FileRespons
         content_disposition_type="inline" if suffix in INLINE_TYPES else "attachment",
         headers={"X-Content-Type-Options": "nosniff"},
     )
+
+
+router.include_router(api)

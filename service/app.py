@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
@@ -18,14 +19,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from igat_core.rundir import RESULTS_FILE
 from service import store
 from service.db import make_engine, make_session_factory
+from service.guard import RequestGuard
 from service.settings import Settings, get_settings
 
 DESCRIPTION = f"""
 Submit ensemble adversarial-defence experiments (an `ExperimentSpec` as JSON), follow them as server-sent
 events, and fetch their `{RESULTS_FILE}`, report and checkpoints.
 
-Mutating routes need `Authorization: Bearer <IGAT_API_TOKEN>`; a server without a token refuses them (503).
+Mutating routes need `Authorization: Bearer <IGAT_API_TOKEN>`, and so does every read but `/healthz` where the
+server runs with `IGAT_OPEN_READS=false` (deployments; the default, true, is for local development). A server
+without a token refuses those routes (503). Request bodies are limited to `IGAT_MAX_BODY_BYTES` (413).
 """
+#: Problems a 422 lists; it counts the rest (a body with 100,000 unknown keys gets a short answer).
+MAX_REPORTED_PROBLEMS = 20
 
 
 def create_app(settings: Settings | None = None, *, session_factory: sessionmaker[Session] | None = None) -> FastAPI:
@@ -46,11 +52,26 @@ def create_app(settings: Settings | None = None, *, session_factory: sessionmake
     app.state.sessions = session_factory
     app.state.engine = engine
 
-    from service.api import router
+    from service.api import DOCUMENTED_MODELS, router
 
     app.include_router(router)
+    app.add_middleware(RequestGuard, settings=settings)
     _install_error_handlers(app)
+    app.openapi = lambda: _openapi(app, DOCUMENTED_MODELS)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, models: tuple[type, ...]) -> dict[str, Any]:
+    """FastAPI's document plus the JSON schemas of ``models`` (request bodies the routes decode themselves)."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _field(loc: tuple | list) -> str:
@@ -65,15 +86,19 @@ def _field(loc: tuple | list) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
         problems = [
-            {"loc": list(e.get("loc", ())), "field": _field(e.get("loc", ())), "msg": e.get("msg", ""),
-             "type": e.get("type", "")}
-            for e in exc.errors()
+            {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())], "field": _field(e.get("loc", ())),
+             "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors[:MAX_REPORTED_PROBLEMS]
         ]
+        omitted = len(errors) - len(problems)
         summary = "; ".join(f"{p['field']}: {p['msg']}" for p in problems)
+        more = f" (and {omitted} more)" if omitted else ""
         return JSONResponse(
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-            content=jsonable_encoder({"detail": problems, "message": f"invalid request: {summary}"}),
+            content=jsonable_encoder({"detail": problems, "message": f"invalid request: {summary}{more}",
+                                      "omitted": omitted}),
         )
 
     @app.exception_handler(store.NotFound)

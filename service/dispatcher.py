@@ -16,6 +16,11 @@ One tick:
    run here and the next one's ``resources`` fit in what ``max_concurrent_cpus`` leaves, and start them. A
    study's runs that wait for a base never hold a slot: other ready work is claimed.
 
+A fault of one experiment (a value its run wrote that cannot be stored, a run directory that cannot be read) is
+confined to it (`Dispatcher.confined`): its run is stopped and it ends ``failed`` with a one-line reason, while the
+dispatcher goes on with the others. A database that is away for a moment (a restart, a lock) is no one's fault: the
+next tick retries, and the compare-and-swaps of `service.store` keep every line stored exactly once.
+
 Run it with ``python -m service.dispatcher`` (``igat serve`` starts one next to the API). It is the queue side
 of the service and reaches the workers only through an executor (`workers.executors`); this module imports
 neither torch nor ray.
@@ -30,10 +35,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,7 +49,8 @@ from service import store
 from service.db import make_engine, make_session_factory, session_scope
 from service.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Experiment
 from service.settings import Settings, get_settings
-from workers.executors import Executor, ExecutorUnavailable, ExperimentRun, Handle, make_executor
+from service.storable import one_line
+from workers.executors import Executor, ExecutorUnavailable, ExperimentRun, Handle, RunState, make_executor
 
 log = logging.getLogger("igat.dispatcher")
 
@@ -64,6 +72,7 @@ class Watched:
     metrics_sent: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     cancel_sent_at: float | None = None
     cpus: float = 1.0  # resources.requested_cpus of its spec
+    ended: RunState | None = None  # the poll that saw the process end (kept if recording its outcome is retried)
 
 
 class Dispatcher:
@@ -106,12 +115,41 @@ class Dispatcher:
         self.renew_leases()
         self.adopt_orphans()
         for watched in list(self.watched.values()):
-            try:
-                self.service(watched)
-            except Exception:
-                log.exception("while servicing experiment %s", watched.experiment_id)
+            self.confined(watched, lambda w=watched: self.service(w))
         self.fail_blocked_dependents()
         self.claim_and_start()
+
+    def confined(self, watched: Watched, body: Callable[[], None]) -> None:
+        """Run `body`, a step for one experiment: if it fails for a reason of the experiment's own, stop its run and
+        fail it with that reason (one line; the traceback goes to this dispatcher's log). A database that is
+        unreachable for the moment fails nothing: the next tick retries."""
+        try:
+            body()
+        except Exception as exc:
+            if database_unavailable(exc):
+                log.warning("experiment %s: the database is unavailable (%s); retrying on the next tick",
+                            watched.experiment_id, describe(exc))
+                return
+            log.exception("experiment %s: failing it after an error of its own", watched.experiment_id)
+            self._abandon(watched, f"the dispatcher could not record the run: {describe(exc)}")
+
+    def _abandon(self, watched: Watched, why: str) -> None:
+        if watched.handle:
+            try:
+                self.executor.cancel(watched.handle, force=True)
+                self.executor.release(watched.handle)
+            except Exception:
+                log.exception("could not stop the run of experiment %s", watched.experiment_id)
+        try:  # no artifact list: the API lists the run directory live when none was recorded
+            with session_scope(self.sessions) as session:
+                store.transition(session, watched.experiment_id, FAILED, from_=[RUNNING, CANCELLING],
+                                 message=f"failed: {why}", error=why, run_dir=str(watched.run_dir))
+        except store.IllegalTransition as exc:
+            log.warning("experiment %s: %s", watched.experiment_id, exc)
+        except Exception:  # the database went away meanwhile: the next tick finds the run ended, and retries
+            log.exception("could not record the failure of experiment %s", watched.experiment_id)
+            return
+        self.watched.pop(watched.experiment_id, None)
 
     # ------------------------------------------------------------------------------------------------ leases
 
@@ -130,10 +168,15 @@ class Dispatcher:
         with session_scope(self.sessions) as session:
             candidates = store.orphans(session, owner=self.owner, watched=self.watched)
         for candidate in candidates:
-            with session_scope(self.sessions) as session:
-                experiment = store.take_over(session, candidate, owner=self.owner, lease_s=self.settings.lease_s)
-            if experiment is not None:
-                self._adopt(experiment, previous_owner=candidate.lease_owner)
+            run_dir = Path(candidate.run_dir) if candidate.run_dir else self.run_dir_of(candidate.id)
+            fallback = Watched(candidate.id, candidate.executor_handle or {}, run_dir, candidate.attempt)
+            self.confined(fallback, lambda c=candidate: self._take_over(c))
+
+    def _take_over(self, candidate: Experiment) -> None:
+        with session_scope(self.sessions) as session:
+            experiment = store.take_over(session, candidate, owner=self.owner, lease_s=self.settings.lease_s)
+        if experiment is not None:
+            self._adopt(experiment, previous_owner=candidate.lease_owner)
 
     def _adopt(self, experiment: Experiment, previous_owner: str | None) -> None:
         run_dir = Path(experiment.run_dir) if experiment.run_dir else self.run_dir_of(experiment.id)
@@ -241,7 +284,7 @@ class Dispatcher:
     # -------------------------------------------------------------------------------------- watching a run
 
     def service(self, watched: Watched) -> None:
-        state = self.executor.poll(watched.handle)
+        state = watched.ended or self.executor.poll(watched.handle)
         self.ingest(watched)
         with session_scope(self.sessions) as session:
             status = session.scalar(select(Experiment.status).where(Experiment.id == watched.experiment_id))
@@ -252,6 +295,7 @@ class Dispatcher:
             if status == CANCELLING:
                 self._forward_cancel(watched)
             return
+        watched.ended = state
         self.executor.release(watched.handle)
         code = state.exit_code
         results = self._results_ok(watched.run_dir)
@@ -283,8 +327,11 @@ class Dispatcher:
         else:
             reason = f"the runner exited with code {code}"
         tail = self.executor.error_tail(watched.handle)
-        error = f"{reason}\n{tail}" if tail else reason
-        self._finish(watched, FAILED, f"failed: {reason}", error=error)
+        if tail:
+            log.warning("experiment %s: %s; the end of its error output:\n%s", watched.experiment_id, reason, tail)
+        summary = error_summary(tail)
+        error = f"{reason}: {summary}" if summary else reason
+        self._finish(watched, FAILED, f"failed: {error}", error=error)
 
     def _finish(self, watched: Watched, status: str, message: str, error: str | None = None) -> None:
         with session_scope(self.sessions) as session:
@@ -373,9 +420,36 @@ def _parse_event(line: bytes) -> store.RunEvent:
     text = line.decode("utf-8", errors="replace").strip()
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep for the parser: kept as text
         return store.RunEvent.from_line(None, raw=text)
     return store.RunEvent.from_line(record, raw=text)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database cannot be reached or is busy for now (connection lost, server restarting, locked): not a fault
+    of the experiment being recorded."""
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError |
+                  sa_exc.TimeoutError):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line: its type and message (a database error's first line, without its SQL)."""
+    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    lines = str(cause).strip().splitlines()
+    return one_line(f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__)
+
+
+def error_summary(output: str) -> str:
+    """What an error output says last, as one line: its last unindented line with the indented lines under it (the
+    exception line of a traceback, a spec error with its fields). The whole output stays in the run's logs."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    start = max((i for i, line in enumerate(lines) if not line[0].isspace()), default=0)
+    details = [line.strip() for line in lines[start + 1:]]
+    return one_line(lines[start].strip() + (" " + "; ".join(details) if details else ""))
 
 
 # ------------------------------------------------------------------------------------------------ entry point

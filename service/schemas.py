@@ -1,5 +1,6 @@
 """Response bodies of the REST API (requests are `igat_core.spec.ExperimentSpec` and
-`igat_core.study_spec.StudySpec` themselves)."""
+`igat_core.study_spec.StudySpec` themselves). Stored JSON is served in `service.storable`'s form, so a row written
+before that convention (a NaN in SQLite) is strict JSON too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from service import studies
 from service.models import Artifact, Event, Experiment, Metric, Study
+from service.storable import public_error, storable_json
 
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
@@ -42,7 +44,8 @@ class ExperimentOut(BaseModel):
     @classmethod
     def of(cls, e: Experiment) -> ExperimentOut:
         return cls(
-            id=e.id, name=e.name, status=e.status, priority=e.priority, attempt=e.attempt, error=e.error,  # type: ignore[arg-type]
+            id=e.id, name=e.name, status=e.status, priority=e.priority, attempt=e.attempt,  # type: ignore[arg-type]
+            error=public_error(e.error),
             study_id=e.study_id, depends_on=e.depends_on, created_at=e.created_at, started_at=e.started_at,
             finished_at=e.finished_at, updated_at=e.updated_at, links=_links(e.id),
         )
@@ -53,7 +56,7 @@ class ExperimentDetail(ExperimentOut):
 
     @classmethod
     def of(cls, e: Experiment) -> ExperimentDetail:
-        return cls(**ExperimentOut.of(e).model_dump(), spec=e.spec)
+        return cls(**ExperimentOut.of(e).model_dump(), spec=storable_json(e.spec))
 
 
 class ExperimentPage(BaseModel):
@@ -73,7 +76,8 @@ class EventOut(BaseModel):
 
     @classmethod
     def of(cls, e: Event) -> EventOut:
-        return cls(seq=e.seq, time=e.time, phase=e.phase, kind=e.kind, message=e.message, data=e.data)
+        return cls(seq=e.seq, time=e.time, phase=e.phase, kind=e.kind, message=e.message,
+                   data=storable_json(e.data) if e.data is not None else None)
 
 
 class MetricOut(BaseModel):
@@ -84,7 +88,7 @@ class MetricOut(BaseModel):
 
     @classmethod
     def of(cls, m: Metric) -> MetricOut:
-        return cls(phase=m.phase, epoch=m.epoch, values=m.values, updated_at=m.updated_at)
+        return cls(phase=m.phase, epoch=m.epoch, values=storable_json(m.values), updated_at=m.updated_at)
 
 
 class MetricPage(BaseModel):
@@ -163,7 +167,7 @@ class StudyRunOut(BaseModel):
             id=e.id, name=e.name, arm=planned.get("arm", ""), variant=planned.get("variant"),
             point=planned.get("point") or {}, status=e.status, attempt=e.attempt,  # type: ignore[arg-type]
             base_of=planned.get("base_of"), depends_on=e.depends_on, base_ready=e.base_ready_at is not None,
-            error=e.error, started_at=e.started_at, finished_at=e.finished_at, links=_links(e.id),
+            error=public_error(e.error), started_at=e.started_at, finished_at=e.finished_at, links=_links(e.id),
         )
 
 
@@ -192,6 +196,21 @@ class Health(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class Problem(BaseModel):
+    loc: list[str | int] = Field(description="where: 'body', 'query', 'path' or 'header', then the field path")
+    field: str = Field(description="the field path, dotted (body fields without the 'body.' prefix)")
+    msg: str
+    type: str
+
+
+class InvalidOut(BaseModel):
+    """A 422: the request's first problems (``service.app.MAX_REPORTED_PROBLEMS``), or one reason."""
+
+    detail: list[Problem] | str
+    message: str | None = Field(None, description="the listed problems in one line")
+    omitted: int = Field(0, ge=0, description="problems found beyond those listed")
 
 
 def _links(experiment_id: str) -> Links:

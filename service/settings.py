@@ -5,7 +5,11 @@ artifacts under ``./var/artifacts``, one experiment at a time.
 
 Authentication: mutating routes need ``Authorization: Bearer <IGAT_API_TOKEN>``. When no token is configured
 the service *fails closed*: every mutation answers 503 with a message saying that ``IGAT_API_TOKEN`` must be
-set (read-only routes keep working). ``igat serve`` generates a token when none is set (see ``service.cli``).
+set. ``igat serve`` generates a token when none is set (see ``service.cli``).
+
+Reads: ``IGAT_OPEN_READS=true`` (the default) is the local-development mode, where every read route answers
+without a token; a deployment sets ``IGAT_OPEN_READS=false`` and then every route but ``/healthz`` and the API
+documentation needs the token (and answers 503 when none is configured).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from igat_core.spec import DEFAULT_SIZE_LIMITS, SizeLimits
 
 
 def _default_runner_command() -> list[str]:
@@ -34,6 +40,10 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="Ray dashboard URL (Jobs API) for the ray executor; unset: "
                                     "`igat serve` starts a local Ray head")
     api_token: SecretStr | None = Field(None, description="bearer token required by every mutating route")
+    open_reads: bool = Field(True, description="true: local-development mode, read routes need no token; false "
+                             "(deployments): every route but /healthz and the API documentation needs the token")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="largest request body accepted; a larger "
+                                "one is refused with 413 before it is read to the end")
 
     executor: str = Field("local", description="how a standalone dispatcher runs experiments: local | ray "
                           "(`igat serve` defaults to ray)")
@@ -52,6 +62,20 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100, description="starts of one experiment before it is failed for good")
     cancel_grace_s: float = Field(10.0, ge=0.0, description="SIGTERM -> SIGKILL delay when cancelling a run")
     sse_poll_s: float = Field(0.5, gt=0.0, le=10.0, description="how often an event stream looks for new events")
+
+    # What a submission may ask for (service.admission).
+    checkpoint_roots: list[Path] = Field(
+        default_factory=list, description="directories, besides the artifact root and the data root, whose files "
+        "base.checkpoint may name (absolute paths, symlinks resolved; JSON list in env)")
+    max_parameters: int = Field(DEFAULT_SIZE_LIMITS.max_parameters, ge=1,
+                                description="the most parameters an experiment's ensemble may have, all members")
+    max_activation_bytes: int = Field(DEFAULT_SIZE_LIMITS.max_activation_bytes, ge=1,
+                                      description="the most bytes of float32 activations one forward pass of the "
+                                      "ensemble over the spec's largest batch may keep (igat_core.model_size)")
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits(self.max_parameters, self.max_activation_bytes)
 
 
 @lru_cache(maxsize=1)

@@ -54,6 +54,7 @@ from service.models import (
     new_id,
     utcnow,
 )
+from service.storable import one_line, storable_json, storable_text
 from workers.executors.processes import alive
 
 #: from-state -> the states it may move to. Terminal states have no way out.
@@ -137,7 +138,8 @@ def transition(
     if from_ is not None:
         sources &= set(from_)
     now = utcnow()
-    values: dict[str, Any] = {"status": to, "updated_at": now, "last_seq": Experiment.last_seq + 1, **fields}
+    values: dict[str, Any] = {"status": to, "updated_at": now, "last_seq": Experiment.last_seq + 1,
+                              **_public_fields(fields)}
     if to in TERMINAL:
         values.setdefault("finished_at", now)
         values.setdefault("lease_owner", None)
@@ -157,18 +159,8 @@ def transition(
         raise IllegalTransition(experiment_id, current, to)
     if to == SUCCEEDED:
         mark_base_ready(session, experiment_id)
-    text = message or f"status: {to}"
-    session.add(
-        Event(
-            experiment_id=experiment_id,
-            seq=seq,
-            time=now,
-            phase=None,
-            kind="status",
-            message=text[:MAX_MESSAGE],
-            data={"status": to},
-        )
-    )
+    session.add(event_row(experiment_id, seq, RunEvent(now, None, "status", message or f"status: {to}",
+                                                      {"status": to})))
     session.flush()
     experiment = session.get(Experiment, experiment_id, populate_existing=True)
     assert experiment is not None
@@ -594,9 +586,16 @@ def set_fields(session: Session, experiment_id: str, **fields: Any) -> None:
     session.execute(
         update(Experiment)
         .where(Experiment.id == experiment_id)
-        .values(updated_at=utcnow(), **fields)
+        .values(updated_at=utcnow(), **_public_fields(fields))
         .execution_options(synchronize_session=False)
     )
+
+
+def _public_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """``error`` is public (the API shows it): one storable line; tracebacks stay in the run's logs."""
+    if fields.get("error") is not None:
+        return {**fields, "error": one_line(fields["error"])}
+    return fields
 
 
 # --------------------------------------------------------------------------------------------- events, metrics
@@ -631,13 +630,22 @@ class RunEvent:
 
 
 def _parse_time(value: Any) -> datetime:
+    """The line's time in UTC; the time of ingestion when it has none that every backend can store."""
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError):  # not ISO 8601, or out of range once moved to UTC (year 1, +01:00)
             return utcnow()
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return utcnow()
+
+
+def event_row(experiment_id: str, seq: int, event: RunEvent) -> Event:
+    """The row of one event, in the storable form (`service.storable`; the columns' lengths applied after it)."""
+    return Event(experiment_id=experiment_id, seq=seq, time=event.time,
+                 phase=storable_text(event.phase)[:32] if event.phase is not None else None,
+                 kind=storable_text(event.kind)[:32], message=storable_text(event.message)[:MAX_MESSAGE],
+                 data=storable_json(event.data) if event.data is not None else None)
 
 
 def add_event(
@@ -654,8 +662,7 @@ def add_event(
     ).scalar_one_or_none()
     if seq is None:
         raise NotFound(experiment_id)
-    session.add(Event(experiment_id=experiment_id, seq=seq, time=utcnow(), phase=phase, kind=kind,
-                      message=message[:MAX_MESSAGE], data=data))
+    session.add(event_row(experiment_id, seq, RunEvent(utcnow(), phase, kind, message, data)))
     session.flush()
     return seq
 
@@ -681,11 +688,7 @@ def ingest_events(session: Session, experiment_id: str, *, expected_ingested: in
     if last is None:
         return False
     first = last - n + 1
-    session.add_all(
-        Event(experiment_id=experiment_id, seq=first + i, time=e.time, phase=e.phase, kind=e.kind,
-              message=e.message, data=e.data)
-        for i, e in enumerate(events)
-    )
+    session.add_all(event_row(experiment_id, first + i, e) for i, e in enumerate(events))
     if any(e.phase == PRETRAIN and e.kind == "finished" for e in events):
         mark_base_ready(session, experiment_id)
     session.flush()
@@ -706,10 +709,11 @@ def upsert_metrics(session: Session, experiment_id: str, rows: Sequence[tuple[st
     now = utcnow()
     unique: dict[tuple[str, int], dict[str, Any]] = {}
     for phase, epoch, values in rows:
-        unique[(phase, epoch)] = values  # last line wins, as in the file
+        unique[(storable_text(phase)[:32], epoch)] = values  # last line wins, as in the file
     stmt = insert(Metric).values(
         [
-            {"experiment_id": experiment_id, "phase": phase, "epoch": epoch, "values": values, "updated_at": now}
+            {"experiment_id": experiment_id, "phase": phase, "epoch": epoch, "values": storable_json(values),
+             "updated_at": now}
             for (phase, epoch), values in unique.items()
         ]
     )
@@ -721,9 +725,11 @@ def upsert_metrics(session: Session, experiment_id: str, rows: Sequence[tuple[st
 
 
 def record_artifacts(session: Session, experiment_id: str, run_dir: Path) -> int:
-    """Replace the artifact list of an experiment with the regular files under ``run_dir``."""
+    """Replace the artifact list of an experiment with the regular files under ``run_dir`` (a name no text column
+    can hold, or longer than 1024 characters, is left out: its URL could not name it either)."""
     found = artifact_files(run_dir)
     session.execute(delete(Artifact).where(Artifact.experiment_id == experiment_id))
-    session.add_all(Artifact(experiment_id=experiment_id, path=p, size=s) for p, s in found if len(p) <= 1024)
+    session.add_all(Artifact(experiment_id=experiment_id, path=p, size=s) for p, s in found
+                    if len(p) <= 1024 and storable_text(p) == p)
     session.flush()
     return len(found)

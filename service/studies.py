@@ -30,6 +30,7 @@ from service.models import (
     Experiment,
     Study,
 )
+from service.storable import public_error
 
 
 def request_hash(study: StudySpec, plan: Sequence[PlannedExperiment], priority: int) -> str:
@@ -85,7 +86,7 @@ def outcome(experiment: Experiment, run_dir: Path) -> RunOutcome:
             return RunOutcome.of_results(results)
         return RunOutcome.failure(f"succeeded, but its {rundir.RESULTS_FILE} is missing")
     if experiment.status in (FAILED, CANCELLED):
-        return RunOutcome.failure(experiment.error or experiment.status, status=experiment.status)
+        return RunOutcome.failure(public_error(experiment.error) or experiment.status, status=experiment.status)
     return RunOutcome(experiment.status)
 
 

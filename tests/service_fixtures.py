@@ -27,6 +27,7 @@ from sqlalchemy import select
 from service import store
 from service.db import session_scope
 from service.models import Event, Metric
+from service.storable import storable_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_HOST = os.environ.get("IGAT_TEST_PG_HOST", "127.0.0.1")
@@ -155,7 +156,9 @@ def free_port() -> int:
 
 #: A stand-in for `igat run` for the fast dispatcher tests: same command line, same files, resumable.
 #: Behaviour by spec name: ok (default), fail (exit 1), badspec (exit 2), noresults (exit 0, no results.json),
-#: stubborn (ignores SIGTERM).
+#: stubborn (ignores SIGTERM), odd (also writes an event and a metric PostgreSQL refuses as they are: NUL, a lone
+#: surrogate, NaN, Infinity), nul (odd, then fails with a NUL in its error), eventsdir (makes events.jsonl a
+#: directory, which no dispatcher can read, and waits a minute).
 #: Epochs: base.train.epochs; seconds per epoch: FAKE_EPOCH_S.
 FAKE_RUNNER = textwrap.dedent(
     '''
@@ -170,6 +173,10 @@ FAKE_RUNNER = textwrap.dedent(
     delay = float(os.environ.get("FAKE_EPOCH_S", "0.02"))
     ckpt = out / "checkpoint.json"
     start = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
+    if mode == "eventsdir":
+        (out / "events.jsonl").mkdir(exist_ok=True)
+        time.sleep(60)
+        sys.exit(0)
 
     def event(**fields):
         fields = {"time": datetime.now(timezone.utc).isoformat(), **fields}
@@ -191,6 +198,13 @@ FAKE_RUNNER = textwrap.dedent(
     if mode == "badspec":
         print("invalid experiment spec: base.train.epochs: nope", file=sys.stderr)
         sys.exit(2)
+    if mode in ("odd", "nul"):
+        event(phase="pretrain", event="epoch", message="nul\\x00 here", epoch=0, note="\\ud800", loss=float("nan"))
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"phase": "pretrain", "epoch": 0, "loss": float("nan"), "acc": float("inf")}) + "\\n")
+    if mode == "nul":
+        print("Traceback (most recent call last):\\nValueError: embedded null byte\\x00 in a path", file=sys.stderr)
+        sys.exit(1)
     for epoch in range(start + 1, epochs + 1):
         time.sleep(delay)
         event(phase="pretrain", event="epoch", message=f"epoch {epoch}/{epochs}", epoch=epoch)
@@ -231,6 +245,11 @@ TINY_EXPERIMENT = {
              "n_examples": 16, "sanity_examples": 0, "diagnostics_examples": 0},
     "resources": {"device": "cpu", "threads": 1},
 }
+
+
+#: TINY_EXPERIMENT pretrained with ADP at lr 10 (the spec's upper bound): its loss becomes NaN within three epochs.
+DIVERGING_EXPERIMENT = {**TINY_EXPERIMENT, "name": "diverging",
+                        "base": {"method": "adp", "train": {"epochs": 4, "batch_size": 64, "lr": 10.0}}}
 
 
 def tiny_quickstart(pretrain_epochs: int = 1) -> dict[str, Any]:
@@ -340,8 +359,8 @@ def assert_no_duplicates(sessions, experiment_id, run_dir: Path):
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     lines = read_jsonl(run_dir / "events.jsonl")
     from_file = [e for e in events if e.phase is not None]  # the service's own events carry no phase
-    assert [(e.phase, e.kind, e.message) for e in from_file] == [
-        (line.get("phase"), line["event"], line["message"]) for line in lines
+    assert [(e.phase, e.kind, e.message) for e in from_file] == [  # as stored: service.storable's form
+        (line.get("phase"), line["event"], storable_text(line["message"])) for line in lines
     ]
     assert status_of(sessions, experiment_id).events_ingested == len(lines)
     metrics = metrics_of(sessions, experiment_id)

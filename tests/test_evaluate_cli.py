@@ -65,7 +65,7 @@ def test_eval_infers_the_dataset_of_an_old_checkpoint(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["missing.pt"], "does not exist"),
-    (["junk.pt"], "not a readable igat ensemble checkpoint"),
+    (["junk.pt"], "is not a readable PyTorch checkpoint"),
     (["ensemble.pt", "--attacks", "pgd,deepfool"], "eval.attacks"),
     (["ensemble.pt", "--combiner", "median"], "--combiner"),
     (["ensemble.pt", "--eps", "2"], "eval.eps"),

@@ -380,7 +380,9 @@ def test_the_openapi_lists_the_study_routes(client):
     assert {"/studies", "/studies/{study_id}", "/studies/{study_id}/results", "/studies/{study_id}/cancel"} <= set(
         spec["paths"])
     body = spec["paths"]["/studies"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert {"experiment", "grid", "arms", "variants", "tables"} <= set(body["properties"])
+    assert body["$ref"] == "#/components/schemas/StudySpec"
+    study = spec["components"]["schemas"]["StudySpec"]
+    assert {"experiment", "grid", "arms", "variants", "tables"} <= set(study["properties"])
 
 
 class InProcess:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import pickle
+
+import pytest
 import torch
 
 from igat_core.defenses import Plain
@@ -55,3 +59,55 @@ def test_batches_shard_the_permutation_across_workers():
     assert sorted(whole.tolist()) == list(range(10))
     assert sorted(torch.cat(parts).tolist()) == list(range(10))
     assert set(parts[0].tolist()).isdisjoint(parts[1].tolist())
+
+
+def test_a_diverging_loss_stops_the_run_at_that_epoch_and_batch_naming_the_learning_rate(tmp_path):
+    """ADP at lr 10 (inside the spec's bounds) blows up within a few epochs of the tiny experiment: training stops
+    at the first non-finite loss, before its step; the last checkpoint and every metric are finite, and the run's
+    events say why it failed."""
+    from igat_core.rundir import checkpoint_dir, read_json
+    from igat_core.runner import run_experiment
+    from igat_core.spec import parse_spec
+    from igat_core.train import TrainingDiverged, last_checkpoint_epoch
+    from tests.service_fixtures import DIVERGING_EXPERIMENT, read_jsonl
+
+    with pytest.raises(TrainingDiverged) as caught:
+        run_experiment(parse_spec(DIVERGING_EXPERIMENT), tmp_path, progress=False)
+    diverged = caught.value
+    assert diverged.phase == "pretrain" and diverged.lr == 10.0 and not math.isfinite(diverged.loss)
+    assert 1 < diverged.epoch <= DIVERGING_EXPERIMENT["base"]["train"]["epochs"]
+    assert 1 <= diverged.batch <= diverged.batches == 2
+    assert str(diverged) == (f"training diverged: the pretrain loss became {diverged.loss} at epoch {diverged.epoch}, "
+                             f"batch {diverged.batch} of 2; the learning rate is likely too high (lr=10): lower it")
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == list(range(1, diverged.epoch))
+    assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+    assert last_checkpoint_epoch(checkpoint_dir(tmp_path, "base")) == diverged.epoch - 1
+    assert read_jsonl(tmp_path / "events.jsonl")[-1] == {
+        **read_jsonl(tmp_path / "events.jsonl")[-1], "phase": "pretrain", "event": "failed",
+        "message": f"pretrain failed: {diverged}", "error": "TrainingDiverged"}
+    assert read_json(tmp_path / "state.json") is None  # no phase finished
+    assert pickle.loads(pickle.dumps(diverged)).args == diverged.args
+
+
+def test_a_divergence_is_found_inside_the_errors_that_wrap_it():
+    from igat_core.train import TrainingDiverged, divergence_in
+
+    original = TrainingDiverged("igat", 3, 2, 4, math.nan, 0.5)
+
+    class WorkerError(Exception):  # the shape of Ray's errors: the worker's exception as `cause`
+        def __init__(self, cause):
+            super().__init__("a worker failed:\nTraceback ...")
+            self.cause = cause
+
+    class GroupError(Exception):
+        def __init__(self, failures):
+            super().__init__("training failed")
+            self.worker_failures = failures
+
+    try:
+        raise GroupError({0: WorkerError(original)}) from RuntimeError("controller")
+    except GroupError as exc:
+        found = divergence_in(exc)
+    assert found is not None and found.args == original.args and found.__cause__ is None
+    assert divergence_in(RuntimeError("something else")) is None

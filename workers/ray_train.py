@@ -24,7 +24,7 @@ import torch
 
 from igat_core.defenses.base import MethodHooks
 from igat_core.ensemble import Ensemble, ensemble_from_checkpoint
-from igat_core.train import FitRequest, fit, load_last_checkpoint
+from igat_core.train import FitRequest, divergence_in, fit, load_last_checkpoint
 
 Scorer = Callable[[Ensemble, torch.device], dict[str, float]]
 
@@ -167,7 +167,13 @@ class RayTrainFit:
                                  failure_config=FailureConfig(max_failures=s.max_failures),
                                  callbacks=list(self.callbacks)),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps a worker's error; a diverged loss is reported as itself
+            diverged = divergence_in(exc)
+            if diverged is None:
+                raise
+            raise diverged from None
         state = load_last_checkpoint(request.checkpoint_dir)
         if state is None:
             raise RuntimeError(f"{request.phase}: the Ray Train run wrote no checkpoint to {request.checkpoint_dir}")

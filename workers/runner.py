@@ -38,7 +38,7 @@ from igat_core.rundir import RESULTS_FILE, SCORE_FILE, RunLog, checkpoint_dir, w
 from igat_core.runner import Runner, TuneRequest, train_config
 from igat_core.runtime import torch_threads
 from igat_core.spec import ExperimentSpec, SpecError, TuneSpec, load_spec
-from igat_core.train import FitRequest, TrainConfig, last_checkpoint_epoch
+from igat_core.train import FitRequest, TrainConfig, TrainingDiverged, last_checkpoint_epoch
 from workers.ray_train import RayScaling, RayTrainFit
 
 VAL_METRIC = "val_pgd"
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(spec, out, progress=False, fit_fn=RayTrainFit(scaling), tune_fn=RayTune(scaling))
     try:
         results = runner.run()
-    except (DatasetUnavailable, ValueError) as exc:
+    except (DatasetUnavailable, TrainingDiverged, ValueError) as exc:
         print(f"igat runner failed: {exc}", file=sys.stderr)
         return 1
     print(accuracy_table(results))

@@ -63,11 +63,13 @@ def infer_dataset(config) -> str:
 
 def _load(checkpoint: Path, dataset: str | None, split: str, n_examples: int | None):
     from igat_core.data import equidistant_indices, load_dataset
-    from igat_core.ensemble import load_ensemble
+    from igat_core.ensemble import CheckpointError, load_ensemble
 
-    if not checkpoint.exists():
-        raise typer.BadParameter(f"no such checkpoint: {checkpoint}")
-    ensemble = load_ensemble(checkpoint)
+    try:
+        ensemble = load_ensemble(checkpoint)
+    except CheckpointError as exc:
+        typer.secho(str(exc), err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
     name = dataset or infer_dataset(ensemble.config)
     data = load_dataset(name, split)
     images, labels = data.images, data.labels
