@@ -171,7 +171,8 @@ class OptimSpec(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     milestones: list[int] = Field(default_factory=list, max_length=MAX_MILESTONES,
-                                  description="epochs at which lr is multiplied by gamma: strictly increasing, each >= 1")
+                                  description="epochs at which lr is multiplied by gamma: strictly increasing, "
+                                  "each >= 1")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
