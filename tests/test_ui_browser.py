@@ -94,7 +94,7 @@ class Served:
         url = f"sqlite:///{tmp / 'igat.db'}"
         self.engine = create_schema(url)
         settings = make_settings(tmp, url, runner_command=[sys.executable, str(runner)], open_reads=False,
-                                 max_concurrent_experiments=4)
+                                 max_concurrent_experiments=4, dispatcher_poll_s=0.1, sse_poll_s=0.1)
         sessions = make_session_factory(self.engine)
         self.url = f"http://127.0.0.1:{free_port()}"
         config = uvicorn.Config(create_app(settings, session_factory=sessions), host="127.0.0.1",
@@ -137,7 +137,7 @@ class Served:
 def served(tmp_path_factory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("ui")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("FAKE_EPOCH_S", "0.1")
+        env.setenv("FAKE_EPOCH_S", "0.2")
         env.setenv("FAKE_RESULTS_DIR", str(prepare_results(tmp / "prepared")))
         served = Served(tmp)
         try:
@@ -286,9 +286,11 @@ def test_a_running_experiment_updates_live(browser, served):
     screenshot(page, "experiment-live")
 
 
-def test_a_bad_spec_is_refused_with_the_apis_field_errors(browser, served):
+def test_an_uploaded_bad_spec_is_refused_with_the_apis_field_errors(browser, served):
     page = open_page(browser, served, "#/submit")
-    page.fill("#spec-text", BAD_SPEC)
+    page.set_input_files("#spec-file", files=[{"name": "bad.yaml", "mimeType": "application/yaml",
+                                               "buffer": BAD_SPEC.encode()}])
+    page.wait_for_function(f"document.querySelector('#spec-text').value === {json.dumps(BAD_SPEC)}")
     page.click("#submit-button")
     page.locator("#problems li").first.wait_for()
     shown = page.locator("#problems li").evaluate_all("items => items.map(li => [li.dataset.field, li.textContent])")
