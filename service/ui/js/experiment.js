@@ -17,7 +17,7 @@ function fresh() {
 
 function absorb(state, event) {
   state.last = event.seq;
-  state.events.push(event);
+  if (event.kind !== "progress") state.events.push(event);  // progress is drawn as bars, not logged
   if (state.events.length > LOG_LINES) state.events.shift();
   const data = event.data || {};
   if (event.kind === "status" && state.experiment && data.status) state.experiment.status = data.status;
@@ -187,7 +187,7 @@ export function experimentPage(root, id) {
     if (state.ended) {
       await refresh();
       await loadMetrics();
-      await loadResults();
+      await loadResults().catch((error) => replace(parts.results, problem(error)));
       page.dataset.ended = state.experiment.status;
     }
   };

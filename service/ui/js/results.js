@@ -67,15 +67,19 @@ function target(results) {
 export function sanitySection(sanity) {
   const all = Object.entries(sanity || {});
   const failed = all.filter(([, c]) => !c.passed);
-  const checks = [...failed, ...all.filter(([, c]) => c.passed)];
+  const passed = all.filter(([, c]) => c.passed);
   const summary = failed.length
-    ? h("p", { class: "fail", id: "sanity-summary" }, `${failed.length} of ${checks.length} sanity checks FAILED: `
+    ? h("p", { class: "fail", id: "sanity-summary" }, `${failed.length} of ${all.length} sanity checks FAILED: `
       + "the numbers below are shown unchanged; read them with the failed checks in mind.")
-    : h("p", { class: "pass", id: "sanity-summary" }, `All ${checks.length} sanity checks passed.`);
-  const rows = checks.map(([name, c]) => h("tr", { class: c.passed ? "pass" : "fail", "data-check": name },
-    h("td", {}, c.passed ? "PASS" : "FAIL"), h("td", {}, h("code", {}, name)), h("td", {}, c.detail || "")));
+    : h("p", { class: "pass", id: "sanity-summary" }, `All ${all.length} sanity checks passed.`);
+  const rows = (checks) => h("table", { class: "checks" }, h("tbody", {}, checks.map(([name, c]) => h("tr",
+    { class: c.passed ? "pass" : "fail", "data-check": name }, h("td", {}, c.passed ? "PASS" : "FAIL"),
+    h("td", {}, h("code", {}, name)), h("td", {}, c.detail || "")))));
   return h("section", { id: "sanity" }, h("h2", {}, "Sanity checks"), summary,
-    checks.length ? h("table", { class: "checks" }, h("tbody", {}, rows)) : h("p", {}, "(none ran)"));
+    failed.length ? rows(failed) : null,
+    passed.length ? h("details", { open: !failed.length }, h("summary", {}, `${passed.length} passed`), rows(passed))
+      : null,
+    all.length ? null : h("p", {}, "(none ran)"));
 }
 
 function diagnosticsTable(diagnostics) {

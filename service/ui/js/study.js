@@ -18,14 +18,17 @@ function range(row) {
   return [row.mean, row.mean];
 }
 
+// The cell's first line: mean ± std, or mean ± half the interval of a paired difference.
 function spreadText(row, signed) {
   const mean = number(row.mean, { signed });
-  if (row.low !== undefined) {
-    if (typeof row.low !== "number") return `${mean} (no interval: ${row.note || "too few pairs"})`;
-    return `${mean} ± ${number((row.high - row.low) / 2)} [${number(row.low, { signed: true })}, `
-      + `${number(row.high, { signed: true })}]`;
-  }
+  if (row.low !== undefined) return typeof row.low === "number" ? `${mean} ± ${number((row.high - row.low) / 2)}` : mean;
   return typeof row.std === "number" ? `${mean} ± ${number(row.std)}` : mean;
+}
+
+function intervalText(row) {
+  if (row.low === undefined) return null;
+  if (typeof row.low !== "number") return `no interval: ${row.note || "too few pairs"}`;
+  return `[${number(row.low, { signed: true })}, ${number(row.high, { signed: true })}]`;
 }
 
 function excluded(row) {
@@ -38,13 +41,19 @@ function cell(row, scale, signed) {
   const [low, high] = range(row);
   return h("td", { class: row.failed || row.pending ? "partial" : null, "data-column": column(row),
     "data-mean": row.mean, "data-std": row.std, "data-low": row.low, "data-high": row.high, "data-n": row.n },
-  h("span", { class: "spread" }, spreadText(row, signed)), " ", h("span", { class: "muted" }, `(${excluded(row)})`),
-  h("br"), errorBar(row.mean, low, high, scale));
+  h("span", { class: "spread" }, spreadText(row, signed)), " ", errorBar(row.mean, low, high, scale), h("br"),
+  intervalText(row) ? [h("span", { class: "interval" }, intervalText(row)), " "] : null,
+  h("span", { class: "muted" }, `(${excluded(row)})`));
 }
 
-function scaleOf(rows) {
+// The range a column's bars share: its rows' ranges, padded a little, with zero in it for differences.
+function scaleOf(rows, signed) {
   const values = rows.flatMap((r) => [r.mean, ...range(r)]).filter(Number.isFinite);
-  return values.length ? [Math.min(0, ...values), Math.max(...values)] : [0, 1];
+  if (signed) values.push(0);
+  if (!values.length) return [0, 1];
+  const [low, high] = [Math.min(...values), Math.max(...values)];
+  const pad = (high - low) * 0.1 || 1;
+  return [low - pad, high + pad];
 }
 
 // One line per distinct `keys` of the rows (a key empty in every row left out), one column per combiner x attack.
@@ -57,13 +66,13 @@ export function pivot(id, rows, keys, { signed = false } = {}) {
     if (!lines.has(label)) lines.set(label, { labels: shownKeys.map((k) => row[k]), cells: new Map() });
     lines.get(label).cells.set(column(row), row);
   }
-  const scale = scaleOf(rows);
+  const scales = new Map(columns.map((c) => [c, scaleOf(rows.filter((r) => column(r) === c), signed)]));
   const body = [...lines.values()].map((line) => h("tr", { "data-row": line.labels.join(" / ") },
     line.labels.map((l) => h("th", {}, l)),
-    columns.map((c) => (line.cells.has(c) ? cell(line.cells.get(c), scale, signed) : h("td")))));
-  return h("table", { id, class: "numbers study" },
+    columns.map((c) => (line.cells.has(c) ? cell(line.cells.get(c), scales.get(c), signed) : h("td")))));
+  return h("div", { class: "scroll" }, h("table", { id, class: "numbers study" },
     h("thead", {}, h("tr", {}, shownKeys.map((k) => h("th", {}, k)), columns.map((c) => h("th", {}, c)))),
-    h("tbody", {}, body));
+    h("tbody", {}, body)));
 }
 
 function tables(record) {
