@@ -27,7 +27,7 @@ from igat_core.spec import ExperimentSpec
 from igat_core.study_spec import StudySpec, StudySpecError, parse_study, plan_study
 from service import admission, store, studies
 from service.auth import bearer, require_token
-from service.bodies import RawBody, invalid, json_body
+from service.bodies import YAML_MEDIA_TYPE, RawBody, invalid, spec_body
 from service.db import session_scope
 from service.models import FAILED, SUCCEEDED, TERMINAL
 from service.storable import storable_json
@@ -61,8 +61,9 @@ def _json(description: str, model: type = ErrorOut) -> dict[str, Any]:
 
 
 def _body(model: type) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    """A body of ``model`` as JSON, or as the YAML `igat run` reads (what the web UI sends for a pasted spec)."""
+    schema = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    return {"requestBody": {"required": True, "content": {"application/json": schema, YAML_MEDIA_TYPE: schema}}}
 
 
 #: What any route but /healthz may answer besides its own responses.
@@ -155,8 +156,9 @@ def submit_experiment(
                description="same key + same body: the first response again; same key + other body: 422"),
     ] = None,
 ) -> ExperimentDetail:
-    """Queue an experiment. The body is an ExperimentSpec (JSON); answers 202 with a Location header."""
-    spec = _experiment(json_body(body))
+    """Queue an experiment. The body is an ExperimentSpec (JSON, or YAML with Content-Type application/yaml);
+    answers 202 with a Location header."""
+    spec = _experiment(spec_body(body, request.headers.get("content-type")))
     digest = request_hash(spec, priority)
     with session_scope(_sessions(request)) as session:
         try:
@@ -266,8 +268,9 @@ def submit_study(
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> StudyDetail:
     """Queue every experiment of a study's plan; the runs that share a pretrained base wait for the one that
-    trains it. The body is a StudySpec (what `igat study` reads from YAML); answers 202 with a Location header."""
-    study = _study(json_body(body))
+    trains it. The body is a StudySpec as JSON, or as the YAML `igat study` reads (Content-Type application/yaml);
+    answers 202 with a Location header."""
+    study = _study(spec_body(body, request.headers.get("content-type")))
     plan = plan_study(study)
     digest = studies.request_hash(study, plan, priority)
     with session_scope(_sessions(request)) as session:

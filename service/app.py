@@ -7,18 +7,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from igat_core.rundir import RESULTS_FILE
 from service import store
 from service.db import make_engine, make_session_factory
+from service.auth import UI_PREFIX
 from service.guard import RequestGuard
 from service.settings import Settings, get_settings
 
@@ -55,10 +58,24 @@ def create_app(settings: Settings | None = None, *, session_factory: sessionmake
     from service.api import DOCUMENTED_MODELS, router
 
     app.include_router(router)
+    _mount_ui(app)
     app.add_middleware(RequestGuard, settings=settings)
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app, DOCUMENTED_MODELS)  # type: ignore[method-assign]
     return app
+
+
+#: The web UI: static HTML, JavaScript modules and CSS, no build step (service/README.md, "Web UI").
+UI_DIR = Path(__file__).resolve().parent / "ui"
+
+
+def _mount_ui(app: FastAPI) -> None:
+    """The UI's files at /ui/ (index.html at /ui/), and / sends a browser there."""
+    app.mount(UI_PREFIX, StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def _home() -> RedirectResponse:
+        return RedirectResponse(f"{UI_PREFIX}/")
 
 
 def _openapi(app: FastAPI, models: tuple[type, ...]) -> dict[str, Any]:

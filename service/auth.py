@@ -1,7 +1,8 @@
 """Bearer-token authentication.
 
 Which requests need the token: every mutation, and every read unless ``IGAT_OPEN_READS`` is true (the
-local-development default); ``/healthz`` and the API documentation never do. ``service.guard`` checks it for
+local-development default); ``/healthz``, the API documentation and the web UI's own files (``/ui``, which hold
+no data: its pages send the token the user gives them with each request) never do. ``service.guard`` checks it for
 every request before any of its body is read; ``require_token`` repeats it on each mutating route, and ``bearer``
 puts the scheme into the OpenAPI document.
 
@@ -23,7 +24,9 @@ from service.settings import Settings
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Paths a deployment still answers without a token: liveness and the API's own description.
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset({"/", "/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+#: The web UI's static files (service/ui/), served under this prefix.
+UI_PREFIX = "/ui"
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 bearer = HTTPBearer(
@@ -43,7 +46,9 @@ class Refusal:
 def needs_token(settings: Settings, method: str, path: str) -> bool:
     if method.upper() not in SAFE_METHODS:
         return True
-    return not settings.open_reads and path not in OPEN_PATHS
+    if settings.open_reads or path in OPEN_PATHS:
+        return False
+    return path != UI_PREFIX and not path.startswith(UI_PREFIX + "/")
 
 
 def token_refusal(settings: Settings, authorization: str | None) -> Refusal | None:

@@ -159,10 +159,12 @@ def free_port() -> int:
 #: stubborn (ignores SIGTERM), odd (also writes an event and a metric PostgreSQL refuses as they are: NUL, a lone
 #: surrogate, NaN, Infinity), nul (odd, then fails with a NUL in its error), eventsdir (makes events.jsonl a
 #: directory, which no dispatcher can read, and waits a minute).
-#: Epochs: base.train.epochs; seconds per epoch: FAKE_EPOCH_S.
+#: Epochs: base.train.epochs; seconds per epoch: FAKE_EPOCH_S. A run whose name is a folder of FAKE_RESULTS_DIR
+#: also writes training progress events and an `acc` metric per epoch, then an evaluation progress event per number
+#: of that folder's results.json, and leaves the folder's files (results.json, plots, checkpoints) as its own.
 FAKE_RUNNER = textwrap.dedent(
     '''
-    import json, os, sys, time, pathlib, yaml
+    import json, os, shutil, sys, time, pathlib, yaml
     from datetime import datetime, timezone
 
     spec = yaml.safe_load(open(sys.argv[1]))
@@ -172,6 +174,7 @@ FAKE_RUNNER = textwrap.dedent(
     epochs = spec["base"]["train"]["epochs"]
     delay = float(os.environ.get("FAKE_EPOCH_S", "0.02"))
     ckpt = out / "checkpoint.json"
+    prepared = pathlib.Path(os.environ.get("FAKE_RESULTS_DIR") or "/nonexistent") / mode
     start = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
     if mode == "eventsdir":
         (out / "events.jsonl").mkdir(exist_ok=True)
@@ -207,13 +210,26 @@ FAKE_RUNNER = textwrap.dedent(
         sys.exit(1)
     for epoch in range(start + 1, epochs + 1):
         time.sleep(delay)
+        row = {"phase": "pretrain", "epoch": epoch, "loss": 1.0 / epoch, "lr": 0.1}
+        if prepared.is_dir():
+            row["acc"] = 100.0 - 50.0 / epoch
+            event(phase="pretrain", event="progress", message=f"epoch {epoch}/{epochs}: batch 4/4", epoch=epoch,
+                  epochs=epochs, batch=4, batches=4, examples_per_s=1000.0, eta_s=0.0)
         event(phase="pretrain", event="epoch", message=f"epoch {epoch}/{epochs}", epoch=epoch)
         with open(metrics, "a") as f:
-            f.write(json.dumps({"phase": "pretrain", "epoch": epoch, "loss": 1.0 / epoch, "lr": 0.1}) + "\\n")
+            f.write(json.dumps(row) + "\\n")
         ckpt.write_text(json.dumps({"epoch": epoch}))
+    if prepared.is_dir():
+        evaluation = json.loads((prepared / "results.json").read_text())["evaluation"]
+        cells = [(m, c, a, v) for m, by_c in evaluation.items() if isinstance(by_c, dict)
+                 for c, by_a in by_c.items() if isinstance(by_a, dict) for a, v in by_a.items()]
+        for model, combiner, attack, accuracy in cells:
+            event(phase="evaluate", event="progress", message=f"{model} {combiner} {attack}: 16/16", model=model,
+                  combiner=combiner, attack=attack, done=16, total=16, accuracy=accuracy, eta_s=0.0)
+        shutil.copytree(prepared, out, dirs_exist_ok=True)
     event(phase="run", event="finished", message="done")
     (out / "report.md").write_text("# fake report\\n")
-    if mode != "noresults":
+    if mode != "noresults" and not prepared.is_dir():
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps({"evaluation": {"base": {"average": {"natural": 90.0}}}, "epochs": epochs}))
         os.replace(tmp, out / "results.json")
