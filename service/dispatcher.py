@@ -52,7 +52,7 @@ from service.db import make_engine, make_session_factory, session_scope
 from service.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Experiment
 from service.settings import Settings, get_settings
 from service.storable import one_line
-from service.tracking import Tracking
+from service.tracking import Tracking, TrackingUnavailable
 from workers.executors import Executor, ExecutorUnavailable, ExperimentRun, Handle, RunState, make_executor
 
 log = logging.getLogger("igat.dispatcher")
@@ -489,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         from service.db import migrate
 
         migrate(settings.database_url)
-    dispatcher = Dispatcher(settings, executor=executor)
+    try:
+        dispatcher = Dispatcher(settings, executor=executor)
+    except TrackingUnavailable as exc:
+        print(f"igat dispatcher: {exc}")
+        return 2
     stop = threading.Event()
     if args.once:
         dispatcher.tick()

@@ -754,6 +754,8 @@ def claim_untracked(session: Session, *, owner: str, lease_s: float, limit: int)
     untracked = (Experiment.status.in_(sorted(TERMINAL)), Experiment.attempt > 0, Experiment.tracked_at.is_(None))
     candidates = session.scalars(select(Experiment.id).where(*untracked, free)
                                  .order_by(Experiment.finished_at.desc(), Experiment.id).limit(limit)).all()
+    if not candidates:
+        return []
     claimed = session.scalars(
         update(Experiment).where(Experiment.id.in_(candidates), *untracked, free)
         .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s))

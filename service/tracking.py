@@ -29,6 +29,7 @@ nothing (`CLIENT_DEFAULTS`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -55,8 +56,6 @@ log = logging.getLogger("igat.tracking")
 MAX_PARAM_VALUE = 6000
 MAX_KEY = 250
 MAX_FIGURE_BYTES = 2 << 20
-PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
 METRIC_ROWS_PER_READ = 1000
 #: finished experiments (and studies) whose MLflow runs one tick completes, newest first
 PER_TICK = 4
@@ -147,6 +146,10 @@ class Followed:
     after: int = 0
 
 
+class TrackingUnavailable(RuntimeError):
+    """Tracking is asked for but cannot work here (MLflow is not installed)."""
+
+
 class Unavailable(Exception):
     """MLflow could not be reached, or failed: nothing more is sent to it this tick."""
 
@@ -156,6 +159,9 @@ class Tracking:
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], owner: str):
         assert settings.mlflow_tracking_uri, "Tracking needs IGAT_MLFLOW_TRACKING_URI"
+        if importlib.util.find_spec("mlflow") is None:
+            raise TrackingUnavailable("IGAT_MLFLOW_TRACKING_URI is set, but MLflow is not installed: pip install "
+                                      "'igat[mlflow]'")
         self.uri = settings.mlflow_tracking_uri
         self.shown_uri = without_password(self.uri)
         self.experiment_name = settings.mlflow_experiment
@@ -320,24 +326,21 @@ class Tracking:
         return len(rows) == METRIC_ROWS_PER_READ
 
     def log_metrics(self, followed: Followed, metrics: list[tuple[str, float, int | None, int]]) -> None:
-        """Log each (key, value, time, step) whose key and step the run does not hold yet."""
+        """Log each (key, value, time, step) whose key and step the run does not hold yet (the client splits a long
+        list into the requests MLflow takes)."""
         from mlflow.entities import Metric
 
         new = {(key, step): Metric(key, value, timestamp or 0, step) for key, value, timestamp, step in metrics
                if (key, step) not in followed.logged}
-        entries = list(new.items())
-        for start in range(0, len(entries), METRICS_PER_BATCH):
-            chunk = entries[start:start + METRICS_PER_BATCH]
-            self.client.log_batch(followed.run_id, metrics=[metric for _, metric in chunk])
-            followed.logged.update(key for key, _ in chunk)
+        if new:
+            self.client.log_batch(followed.run_id, metrics=list(new.values()))
+            followed.logged.update(new)
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         """Params are MLflow's to keep: logging the same value again is accepted, a changed one refused."""
         from mlflow.entities import Param
 
-        entries = [Param(key, value) for key, value in params.items()]
-        for start in range(0, len(entries), PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=entries[start:start + PARAMS_PER_BATCH])
+        self.client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
 
     def logged_steps(self, run_id: str) -> set[tuple[str, int]]:
         """The (metric, step) pairs the run holds."""

@@ -128,20 +128,6 @@ def test_params_are_the_flattened_spec_as_json_text():
         "odd key_": "true"}
 
 
-def test_params_and_metrics_beyond_one_request_of_mlflow_s_are_sent_in_several(tmp_path, sqlite_url, mlflow_uri):
-    """MLflow takes at most 100 params and 1,000 metrics per request."""
-    from service.tracking import Followed, Tracking
-
-    settings = make_settings(tmp_path, sqlite_url, mlflow_tracking_uri=mlflow_uri)
-    tracking = Tracking(settings, make_session_factory(create_schema(sqlite_url)), owner="test")
-    run_id = tracking.client.create_run(tracking.experiment_id(), run_name="batches").info.run_id
-    params = {f"p{i:03d}": str(i) for i in range(150)}
-    tracking.log_params(run_id, params)
-    tracking.log_metrics(Followed(run_id), [("m", float(i), 1000, i) for i in range(1500)])
-    assert tracking.client.get_run(run_id).data.params == params
-    assert history(tracking.client, run_id, "m") == [(i, float(i)) for i in range(1500)]
-
-
 # ------------------------------------------------------------------------------------------ one experiment
 
 
@@ -236,24 +222,33 @@ def test_a_dispatcher_that_takes_a_run_over_logs_each_step_once(tmp_path, sqlite
                                                                  monkeypatch):
     """The first dispatcher logs some epochs and stops; the next one re-attaches to the run and, with nothing in
     memory (and every metric row stored again), logs the rest: each step once, in the same MLflow run."""
-    monkeypatch.setenv("FAKE_EPOCH_S", "0.15")
+    monkeypatch.setenv("FAKE_EPOCH_S", "0.2")
+    epochs = 16
     sessions = make_session_factory(create_schema(sqlite_url))
     settings = make_settings(tmp_path, sqlite_url, runner_command=fake_runner, mlflow_tracking_uri=mlflow_uri,
                              lease_s=0.3)
-    e = queue(sessions, fake_spec("ok", epochs=8))
+    e = queue(sessions, fake_spec("ok", epochs=epochs))
     first = Dispatcher(settings, session_factory=sessions, owner="gone-host:1:first")
     wait_for(lambda: first.tick() or len(metrics_of(sessions, e)) >= 2, 60, what="two epochs")
-    client = client_of(mlflow_uri)
-    early = history(client, status_of(sessions, e).mlflow_run_id, "pretrain/loss")
-    assert len(early) >= 2 and status_of(sessions, e).status == "running"
-    time.sleep(0.4)  # the first dispatcher's lease expires
-    (done,) = drive_until_tracked(Dispatcher(settings, session_factory=sessions), sessions, [e])
+    pid = status_of(sessions, e).executor_handle["pid"]
+    os.killpg(pid, signal.SIGSTOP)  # mid-run whatever the machine's load (SIGCONT below)
+    try:
+        client = client_of(mlflow_uri)
+        early = history(client, status_of(sessions, e).mlflow_run_id, "pretrain/loss")
+        assert len(early) >= 2 and status_of(sessions, e).status == "running"
+        time.sleep(0.4)  # the first dispatcher's lease expires
+        second = Dispatcher(settings, session_factory=sessions)
+        second.tick()
+        assert second.tracking.followed[e].logged >= {("pretrain/loss", step) for step, _ in early}
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    (done,) = drive_until_tracked(second, sessions, [e])
     assert done.status == "succeeded" and any("re-attached" in ev.message for ev in events_of(sessions, e))
     run = run_of(client, e)
     assert run.info.run_id == done.mlflow_run_id and run.info.status == "FINISHED"
     for key, steps in file_metrics(Path(done.run_dir)).items():
         assert history(client, run.info.run_id, key) == steps
-    assert [step for step, _ in history(client, run.info.run_id, "pretrain/loss")] == list(range(1, 9))
+    assert [step for step, _ in history(client, run.info.run_id, "pretrain/loss")] == list(range(1, epochs + 1))
 
 
 def test_mlflow_being_away_fails_nothing_and_a_later_dispatcher_catches_up(tmp_path, sqlite_url, mlflow_uri,
