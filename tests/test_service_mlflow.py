@@ -27,13 +27,13 @@ from service.tracking import MAX_PARAM_VALUE, flat_params
 
 try:
     from tests.service_fixtures import (  # noqa: F401
-        FAKE_RUNNER, ROOT, create_schema, events_of, fake_runner, fake_spec, free_port, make_settings, metrics_of,
-        queue, read_jsonl, sqlite_url, status_of, wait_for,
+        FAKE_RUNNER, ROOT, create_schema, db_url, events_of, fake_runner, fake_spec, free_port, make_settings,
+        metrics_of, pg_url, queue, read_jsonl, sessions, sqlite_url, status_of, wait_for,
     )
 except ImportError:
     from service_fixtures import (  # noqa: F401
-        FAKE_RUNNER, ROOT, create_schema, events_of, fake_runner, fake_spec, free_port, make_settings, metrics_of,
-        queue, read_jsonl, sqlite_url, status_of, wait_for,
+        FAKE_RUNNER, ROOT, create_schema, db_url, events_of, fake_runner, fake_spec, free_port, make_settings,
+        metrics_of, pg_url, queue, read_jsonl, sessions, sqlite_url, status_of, wait_for,
     )
 
 
@@ -131,10 +131,9 @@ def test_params_are_the_flattened_spec_as_json_text():
 # ------------------------------------------------------------------------------------------ one experiment
 
 
-def test_an_experiment_is_one_mlflow_run_with_its_spec_metrics_results_and_report(tmp_path, sqlite_url, mlflow_uri,
-                                                                                   fake_runner):
-    sessions = make_session_factory(create_schema(sqlite_url))
-    settings = make_settings(tmp_path, sqlite_url, runner_command=fake_runner, mlflow_tracking_uri=mlflow_uri)
+def test_an_experiment_is_one_mlflow_run_with_its_spec_metrics_results_and_report(tmp_path, db_url, sessions,
+                                                                                   mlflow_uri, fake_runner):
+    settings = make_settings(tmp_path, db_url, runner_command=fake_runner, mlflow_tracking_uri=mlflow_uri)
     e = queue(sessions, fake_spec("ok", epochs=3))
     (done,) = drive_until_tracked(Dispatcher(settings, session_factory=sessions), sessions, [e])
     assert done.status == "succeeded", done.error
