@@ -14,7 +14,9 @@ One tick:
    that can never be met), then claim ready experiments (queued, and their base experiment's pretrained base
    finished, if they depend on one; `service.store.claim_next`) while fewer than ``max_concurrent_experiments``
    run here and the next one's ``resources`` fit in what ``max_concurrent_cpus`` leaves, and start them. A
-   study's runs that wait for a base never hold a slot: other ready work is claimed.
+   study's runs that wait for a base never hold a slot: other ready work is claimed;
+5. with ``IGAT_MLFLOW_TRACKING_URI`` set, log the runs it watches and the finished experiments and studies to
+   MLflow (`service.tracking`; MLflow being away fails nothing and is retried on the next tick).
 
 A fault of one experiment (a value its run wrote that cannot be stored, a run directory that cannot be read) is
 confined to it (`Dispatcher.confined`): its run is stopped and it ends ``failed`` with a one-line reason, while the
@@ -50,6 +52,7 @@ from service.db import make_engine, make_session_factory, session_scope
 from service.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Experiment
 from service.settings import Settings, get_settings
 from service.storable import one_line
+from service.tracking import Tracking, TrackingUnavailable
 from workers.executors import Executor, ExecutorUnavailable, ExperimentRun, Handle, RunState, make_executor
 
 log = logging.getLogger("igat.dispatcher")
@@ -94,6 +97,7 @@ class Dispatcher:
         self.owner = owner or store.dispatcher_identity()
         self.artifact_root = Path(self.settings.artifact_root).resolve()
         self.watched: dict[str, Watched] = {}
+        self.tracking = Tracking.configured(self.settings, self.sessions, self.owner)
 
     # ---------------------------------------------------------------------------------------------- the loop
 
@@ -118,6 +122,8 @@ class Dispatcher:
             self.confined(watched, lambda w=watched: self.service(w))
         self.fail_blocked_dependents()
         self.claim_and_start()
+        if self.tracking is not None:
+            self.tracking.tick(self.watched)
 
     def confined(self, watched: Watched, body: Callable[[], None]) -> None:
         """Run `body`, a step for one experiment: if it fails for a reason of the experiment's own, stop its run and
@@ -483,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         from service.db import migrate
 
         migrate(settings.database_url)
-    dispatcher = Dispatcher(settings, executor=executor)
+    try:
+        dispatcher = Dispatcher(settings, executor=executor)
+    except TrackingUnavailable as exc:
+        print(f"igat dispatcher: {exc}")
+        return 2
     stop = threading.Event()
     if args.once:
         dispatcher.tick()

@@ -97,6 +97,8 @@ class Study(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
     cancel_requested_at: Mapped[datetime | None]
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), doc="its parent run in MLflow (service.tracking)")
+    tracked_at: Mapped[datetime | None] = mapped_column(doc="when its MLflow run was ended")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -129,6 +131,9 @@ class Experiment(Base):
 
     last_seq: Mapped[int] = mapped_column(Integer, default=0, doc="seq of the newest event (allocated on this row)")
     events_ingested: Mapped[int] = mapped_column(Integer, default=0, doc=f"lines of {EVENTS_FILE} already stored")
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), doc="its run in MLflow (service.tracking)")
+    tracked_at: Mapped[datetime | None] = mapped_column(
+        doc="when its MLflow run was ended: everything it produced is logged there")
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

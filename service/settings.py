@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, ge=0.0, description="SIGTERM -> SIGKILL delay when cancelling a run")
     sse_poll_s: float = Field(0.5, gt=0.0, le=10.0, description="how often an event stream looks for new events")
 
+    # Experiment tracking (service.tracking): off unless a tracking URI is set.
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server (http://host:5000) the "
+                                            "dispatcher logs every experiment to; unset: MLflow is never imported")
+    mlflow_experiment: str = Field("igat", min_length=1, max_length=256,
+                                   description="the MLflow experiment the runs are logged under")
+
     # What a submission may ask for (service.admission).
     checkpoint_roots: list[Path] = Field(
         default_factory=list, description="directories, besides the artifact root and the data root, whose files "

@@ -30,6 +30,7 @@ MAX_REASON = 500
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _WHITESPACE = re.compile(r"\s+")
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_NAMED_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def storable_text(text: str) -> str:
@@ -42,6 +43,16 @@ def storable_float(value: float) -> float | str:
     if math.isfinite(value):
         return value
     return "NaN" if math.isnan(value) else _NON_FINITE[value]
+
+
+def stored_number(value: Any) -> float | None:
+    """A number as `storable_float` stored it (the names of the non-finite floats read back); None for any other
+    value (a bool, text, a list)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value in _NAMED_FLOATS:
+        return _NAMED_FLOATS[value]
+    return None
 
 
 def storable_json(value: Any, depth: int = 0) -> Any:

@@ -733,3 +733,64 @@ def record_artifacts(session: Session, experiment_id: str, run_dir: Path) -> int
                     if len(p) <= 1024 and storable_text(p) == p)
     session.flush()
     return len(found)
+
+
+# --------------------------------------------------------------------------------------------------- tracking
+
+
+def keep_run_id(session: Session, model: type[Experiment] | type[Study], row_id: str, run_id: str) -> str | None:
+    """Record `run_id` as the MLflow run of the experiment or study `row_id` unless it holds one already (a
+    compare-and-swap); returns the run id it holds afterwards."""
+    session.execute(update(model).where(model.id == row_id, model.mlflow_run_id.is_(None))
+                    .values(mlflow_run_id=run_id).execution_options(synchronize_session=False))
+    return session.scalar(select(model.mlflow_run_id).where(model.id == row_id))
+
+
+def claim_untracked(session: Session, *, owner: str, lease_s: float, limit: int) -> list[Experiment]:
+    """Up to `limit` finished experiments that ran but whose MLflow run is not ended yet, newest first, leased to
+    `owner` for logging them (a finished experiment's lease is free, `owner`'s, or expired)."""
+    now = utcnow()
+    free = Experiment.lease_owner.is_(None) | (Experiment.lease_owner == owner) | (Experiment.lease_expires_at < now)
+    untracked = (Experiment.status.in_(sorted(TERMINAL)), Experiment.attempt > 0, Experiment.tracked_at.is_(None))
+    candidates = session.scalars(select(Experiment.id).where(*untracked, free)
+                                 .order_by(Experiment.finished_at.desc(), Experiment.id).limit(limit)).all()
+    if not candidates:
+        return []
+    claimed = session.scalars(
+        update(Experiment).where(Experiment.id.in_(candidates), *untracked, free)
+        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s))
+        .returning(Experiment.id).execution_options(synchronize_session=False)).all()
+    rows = session.scalars(select(Experiment).where(Experiment.id.in_(claimed))
+                           .order_by(Experiment.finished_at.desc(), Experiment.id)
+                           .execution_options(populate_existing=True))
+    return list(rows)
+
+
+def mark_tracked(session: Session, experiment_id: str, *, owner: str) -> bool:
+    """The MLflow run of the finished experiment that `owner` leased is ended: release the lease."""
+    done = session.execute(
+        update(Experiment).where(Experiment.id == experiment_id, Experiment.lease_owner == owner,
+                                 Experiment.status.in_(sorted(TERMINAL)), Experiment.tracked_at.is_(None))
+        .values(tracked_at=utcnow(), lease_owner=None, lease_expires_at=None)
+        .returning(Experiment.id).execution_options(synchronize_session=False)).scalar_one_or_none()
+    return done is not None
+
+
+def studies_to_close(session: Session, *, limit: int) -> list[Study]:
+    """Studies with an open MLflow parent run whose every experiment has finished and, if it ran, been tracked."""
+    pending = select(Experiment.id).where(
+        Experiment.study_id == Study.id,
+        Experiment.status.not_in(sorted(TERMINAL)) | ((Experiment.attempt > 0) & Experiment.tracked_at.is_(None)))
+    return list(session.scalars(select(Study).where(Study.mlflow_run_id.is_not(None), Study.tracked_at.is_(None),
+                                                    ~pending.exists()).order_by(Study.created_at).limit(limit)))
+
+
+def mark_study_tracked(session: Session, study_id: str) -> None:
+    session.execute(update(Study).where(Study.id == study_id, Study.tracked_at.is_(None))
+                    .values(tracked_at=utcnow()).execution_options(synchronize_session=False))
+
+
+def metrics_after(session: Session, experiment_id: str, after_id: int, limit: int = 1000) -> list[Metric]:
+    """The experiment's metric rows stored after row `after_id` (its first `limit` of them, in row order)."""
+    return list(session.scalars(select(Metric).where(Metric.experiment_id == experiment_id, Metric.id > after_id)
+                                .order_by(Metric.id).limit(limit)))

@@ -3,8 +3,8 @@
 - igat_core imports neither service nor workers, and workers never imports service: read from the source of
   every module (its AST), so an import inside a function, under TYPE_CHECKING or through
   ``importlib.import_module("...")`` counts as much as one at the top;
-- the service, its dispatcher and the composed ``igat`` program import neither torch nor ray (checked in a
-  fresh interpreter);
+- the service, its dispatcher and the composed ``igat`` program import neither torch nor ray, nor MLflow (checked in
+  a fresh interpreter);
 - igat_core/rundir.py owns the run directory: no other module of the scanned packages writes a run-directory
   file name in a string (docstrings aside) or calls ``os.replace``.
 """
@@ -31,7 +31,7 @@ import json, sys
 import service.app, service.main, service.api, service.cli, service.store, service.db, service.dispatcher
 import workers.executors, workers.executors.local
 service.cli.igat_app()
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "torchvision", "torchattacks"))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "torchvision", "torchattacks", "mlflow"))
 print(json.dumps(heavy))
 """
 
