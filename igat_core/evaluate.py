@@ -273,7 +273,8 @@ def _attempt(run: Attack, attack: str, eps: float, x: torch.Tensor, y: torch.Ten
     if bool(have.all()):
         return adv, 0.0
     need = ~have
-    adv[need.to(adv.device)] = run(x[index[need]], y[index[need]], step=step)
+    x_need, y_need = x[index[need]], y[index[need]]
+    adv[need.to(adv.device)] = run(x_need, y_need) if step is None else run(x_need, y_need, step=step)
     if bounds is not None and run.raw_bounds is not None:
         bounds.include(run.raw_bounds)
     if memo is not None:
