@@ -343,7 +343,6 @@ def _step_events(events: AttackProgress, robust: torch.Tensor, start: int, size:
     return step
 
 
-
 def _percent(mask: torch.Tensor) -> float:
     return 100.0 * float(mask.float().mean()) if len(mask) else 0.0
 

@@ -100,12 +100,20 @@ class RunLog:
         if self.listener is not None:
             self.listener(record)
 
-    def silent_for(self) -> float:
-        """Seconds since any process last appended an event (infinite before the first)."""
+    def silent_for(self, tail_bytes: int = 65_536) -> float:
+        """Seconds since the newest event any process appended, Ray's own log lines (kind `log`) left out;
+        infinite when the last `tail_bytes` of events.jsonl hold none."""
         try:
-            return time.time() - (self.out / EVENTS_FILE).stat().st_mtime
+            with open(self.out / EVENTS_FILE, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+                lines = f.read().splitlines()
         except FileNotFoundError:
             return math.inf
+        for line in reversed(lines):
+            when = _event_time(line)
+            if when is not None:
+                return time.time() - when
+        return math.inf
 
     def metrics(self, metrics: dict) -> None:
         """A line of metrics.jsonl and its `epoch` event (with `examples_per_s` when the metrics have it)."""
@@ -129,6 +137,15 @@ class RunLog:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
+
+
+def _event_time(line: bytes) -> float | None:
+    """The POSIX time of an events.jsonl line, None for a log line or one that is not (yet) a whole event."""
+    try:
+        record = json.loads(line)
+        return None if record.get("event") == "log" else datetime.fromisoformat(record["time"]).timestamp()
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
 
 
 def read_json(path: Path) -> Any | None:

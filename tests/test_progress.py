@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -218,12 +217,13 @@ def test_a_heartbeat_fills_only_a_silence_of_the_run(tmp_path):
     log.event("pretrain", "started", "pretrain: epochs 1..3")
     clock.now = 15.0
     beating.beat()  # the last event is fresh
-    past = time.time() - 6.0
-    os.utime(tmp_path / "events.jsonl", (past, past))
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(at(time.time() - 1_800_000_006.0, "pretrain", "started")) + "\n")  # 6 s ago
+    RunLog(tmp_path).event("job", "log", "a line of the Ray job's own output: no news of the run")
     beating.beat()
-    records = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [(r["event"], r.get("waited_s")) for r in records] == [("started", None), ("waiting", 12.0)]
-    assert records[1]["message"] == "pretrain: still working (12s)"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["event"], r.get("waited_s")) for r in records] == [("started", None), ("log", None), ("waiting", 12.0)]
+    assert records[2]["message"] == "pretrain: still working (12s)"
 
 
 def test_the_silence_script_finds_the_longest_gap_of_each_phase():
