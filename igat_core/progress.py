@@ -12,7 +12,8 @@ database and its SSE stream all carry it. Time-throttled so events.jsonl stays s
 
 `ProgressBars` draws any stream of these events (an in-process run's, or the service's SSE) as tqdm bars, one
 per phase; without a terminal it prints each phase's start and finish and at most one line per bar every
-PLAIN_INTERVAL_S. Torch-free: the service's client imports it.
+PLAIN_INTERVAL_S. `Heartbeat` fills a silence: a ``waiting`` event (`waited_s`) whenever the run's events have been
+silent for PROGRESS_INTERVAL_S. Torch-free: the service's client imports it.
 """
 
 from __future__ import annotations
@@ -229,12 +230,13 @@ class Event:
 
 @dataclass(frozen=True)
 class BarState:
-    """What a bar shows; `n` None keeps its count."""
+    """What a bar shows; `n` None keeps its count; a `waiting` detail follows the bar's last other one."""
 
     desc: str
     n: float | None
     total: float | None
     detail: str
+    waiting: bool = False
 
 
 def bar_state(event: Event, epochs: int | None) -> BarState:
@@ -242,7 +244,7 @@ def bar_state(event: Event, epochs: int | None) -> BarState:
     event)."""
     d = event.data
     if event.kind == "waiting":
-        return BarState(str(event.phase), None, epochs, event.message.removeprefix(f"{event.phase}: "))
+        return BarState(str(event.phase), None, epochs, event.message.removeprefix(f"{event.phase}: "), waiting=True)
     if "attack" in d:
         eta = "" if d["done"] >= d["total"] else f", ETA {duration(d.get('eta_s'))}"
         return BarState(f"{event.phase} {d['model']} [{d['combiner']}] {d['attack']}", d["done"], d["total"],
@@ -257,9 +259,15 @@ def bar_state(event: Event, epochs: int | None) -> BarState:
 
 
 class Bar(tqdm):
-    """A tqdm bar whose format names `detail`: text after the bar (tqdm's postfix would start with a comma)."""
+    """A tqdm bar whose format names `detail`: text after the bar (tqdm's postfix would start with a comma);
+    `news` is its last detail that was not a `waiting` one, which it ends with."""
 
     detail = ""
+    news = ""
+
+    def close(self) -> None:
+        self.detail = self.news or self.detail
+        super().close()
 
     @property
     def format_dict(self) -> dict[str, Any]:
@@ -322,7 +330,10 @@ class ProgressBars:
         bar.total = state.total
         if state.n is not None:
             bar.n = state.n
-        bar.detail = state.detail
+        if state.waiting:
+            bar.detail = f"{bar.news}, {state.detail}" if bar.news else state.detail
+        else:
+            bar.detail = bar.news = state.detail
         bar.set_description_str(state.desc, refresh=False)
         bar.refresh()
 

@@ -264,16 +264,17 @@ SEQUENCE = [
     at(14, "pretrain", "epoch", "epoch 1: loss 2", epoch=1, examples_per_s=20.0),
     at(16, "pretrain", "epoch", "epoch 2: loss 1", epoch=2, examples_per_s=25.0),
     at(23, "pretrain", "epoch", "epoch 3: loss 0.5", epoch=3, examples_per_s=25.0),
-    at(23, "pretrain", "finished", "pretrain finished in 22.0s"),
-    at(24, "evaluate", "started", "evaluating on the test split"),
-    at(24, "evaluate", "model", "evaluating base", model="base"),
-    evaluate_progress(25, "natural", 100, 98.0),
-    evaluate_progress(30, "pgd", 40, 80.0),
-    evaluate_progress(35, "pgd", 80, 70.0),
-    evaluate_progress(36, "pgd", 100, 65.0),
-    at(37, "evaluate", "diagnostics", "supplement Tables 4-8 for base", model="base"),
-    at(38, "evaluate", "finished", "evaluate finished in 14.0s"),
-    at(40, "run", "finished", "results.json and report.md written"),
+    at(28, "pretrain", "waiting", "pretrain: still working (27s)", waited_s=27.0),
+    at(29, "pretrain", "finished", "pretrain finished in 28.0s"),
+    at(34, "evaluate", "started", "evaluating on the test split"),
+    at(34, "evaluate", "model", "evaluating base", model="base"),
+    evaluate_progress(35, "natural", 100, 98.0),
+    evaluate_progress(40, "pgd", 40, 80.0),
+    evaluate_progress(45, "pgd", 80, 70.0),
+    evaluate_progress(46, "pgd", 100, 65.0),
+    at(47, "evaluate", "diagnostics", "supplement Tables 4-8 for base", model="base"),
+    at(48, "evaluate", "finished", "evaluate finished in 14.0s"),
+    at(50, "run", "finished", "results.json and report.md written"),
 ]
 
 
@@ -288,7 +289,8 @@ def test_without_a_terminal_each_bar_is_a_line_every_ten_seconds_besides_starts_
         "[run] started: run quickstart on cpu",
         "[pretrain] started: pretrain: epochs 1..3",
         "[pretrain] epoch: epoch 3: loss 0.5",  # the first bar event 10 s after its first (the waiting one)
-        "[pretrain] finished: pretrain finished in 22.0s",
+        "[pretrain] waiting: pretrain: still working (27s)",  # held back, shown when the phase ends
+        "[pretrain] finished: pretrain finished in 28.0s",
         "[evaluate] started: evaluating on the test split",
         "[evaluate] model: evaluating base",
         "[evaluate] progress: base [average] pgd: 80/100 attacked",  # 10 s after natural's
@@ -321,6 +323,7 @@ def test_on_a_terminal_each_phase_is_one_bar_that_ends_at_its_final_state():
     pretrain = [f for f in frames if f.startswith("pretrain: ")]
     assert pretrain[0].endswith("| still working (6s)")
     assert "| epoch 1/3, batch 2/4, 20 examples/s, ETA 30s" in pretrain[1]
+    assert pretrain[-2].endswith("| epoch 3/3, 25 examples/s, still working (27s)")
     assert pretrain[-1].startswith("pretrain: 100%") and pretrain[-1].endswith("| epoch 3/3, 25 examples/s")
     evaluate = [f for f in frames if f.startswith("evaluate base")]
     assert evaluate[0].startswith("evaluate base [average] natural: 100%")
@@ -328,6 +331,40 @@ def test_on_a_terminal_each_phase_is_one_bar_that_ends_at_its_final_state():
     assert evaluate[-1].startswith("evaluate base [average] pgd: 100%")
     assert evaluate[-1].endswith("| 100/100 attacked, robust 65.0%")
     lines = [f[20:] for f in frames if f[:4].isdigit()]
-    assert lines == [line[20:] for line in replay(SEQUENCE, plain_bars).splitlines() if "] progress" not in line
-                     and "] epoch" not in line]
+    assert lines == [line[20:] for line in replay(SEQUENCE, plain_bars).splitlines()
+                     if not any(f"] {kind}:" in line for kind in ("progress", "epoch", "waiting"))]
     assert "Ray's own output" not in screen
+
+
+def test_the_bars_of_a_recorded_quickstart_run_without_a_terminal():
+    """The events of a `make demo` run (every event but most of Ray's log lines, tests/fixtures/)."""
+    records = recorded()
+    lines = replay(records, plain_bars).splitlines()
+    assert not [line for line in lines if "[job]" in line]
+    assert len(lines) < len([r for r in records if r["event"] != "log"]) / 2
+    phases = [r["phase"] for r in records if r["event"] == "started"]
+    assert [line.split("]")[0][21:] for line in lines if "] started:" in line] == phases
+    assert [line.split("]")[0][21:] for line in lines if "] finished:" in line] == phases[1:] + ["run"]
+    bar_kinds = ("] progress:", "] epoch:", "] waiting:")
+    for phase in phases:
+        times = [datetime.fromisoformat(line[:19]).timestamp() for line in lines
+                 if line[20:].startswith(f"[{phase}]") and any(kind in line for kind in bar_kinds)]
+        others = sum(line[20:].startswith(f"[{phase}]") and not any(kind in line for kind in bar_kinds)
+                     for line in lines)
+        close = sum(b - a < 9.0 for a, b in zip(times, times[1:]))  # 9: the printed times are cut to the second
+        assert close <= others, phase  # only a line held back, shown before another line of its phase
+
+
+def test_the_bars_of_a_recorded_quickstart_run_on_a_terminal():
+    records = recorded()
+    screen = replay(records, tty_bars)
+    frames = [part.rstrip() for line in screen.split("\n") for part in line.split("\r") if part.strip()]
+    for phase in ("pretrain", "igat", "global_at"):
+        epochs = next(r["epochs"] for r in records if r["phase"] == phase and r["event"] == "started")
+        last = [f for f in frames if f.startswith(f"{phase}: ")][-1]
+        assert last.startswith(f"{phase}: 100%") and f"| epoch {epochs}/{epochs}, " in last
+    progress = [r for r in records if r["phase"] == "evaluate" and r["event"] == "progress"]
+    final = progress[-1]
+    last = [f for f in frames if f.startswith("evaluate ")][-1]
+    assert last.startswith(f"evaluate {final['model']} [{final['combiner']}] {final['attack']}: 100%")
+    assert last.endswith(f"| {final['total']}/{final['total']} attacked, robust {final['accuracy']:.1f}%")
