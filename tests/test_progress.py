@@ -176,6 +176,8 @@ def test_an_attack_reports_its_steps_and_finds_the_same_examples(name, trained_e
     assert torch.equal(quiet, told)
     fractions = [f for f, _ in steps]
     assert len(steps) > 1 and fractions == sorted(fractions) and 0.0 < fractions[0] and fractions[-1] <= 1.0
+    if name == "autoattack":  # within its first component (of two) too, by the forward passes it makes
+        assert any(0.0 < f < 0.5 for f in fractions)
     assert all(s is None or 0 <= s <= 10 for _, s in steps)
 
 
@@ -216,8 +218,9 @@ def test_a_heartbeat_fills_only_a_silence_of_the_run(tmp_path):
     beating.enter("pretrain")
     log.event("pretrain", "started", "pretrain: epochs 1..3")
     clock.now = 15.0
-    beating.beat()  # the last event is fresh
+    beating.beat()
     path = tmp_path / "events.jsonl"
+    assert len(path.read_text().splitlines()) == 1  # the last event is fresh: no beat
     path.write_text(json.dumps(at(time.time() - 1_800_000_006.0, "pretrain", "started")) + "\n")  # 6 s ago
     RunLog(tmp_path).event("job", "log", "a line of the Ray job's own output: no news of the run")
     beating.beat()
@@ -310,7 +313,9 @@ def as_served(record: dict) -> dict:
 
 
 def test_the_served_form_of_the_events_draws_the_same_bars():
-    assert replay([as_served(r) for r in SEQUENCE], plain_bars) == replay(SEQUENCE, plain_bars)
+    served = [as_served(r) for r in SEQUENCE]
+    assert replay(served, plain_bars) == replay(SEQUENCE, plain_bars)
+    assert replay(served, tty_bars) == replay(SEQUENCE, tty_bars)
 
 
 def tty_bars(out, clock) -> ProgressBars:
