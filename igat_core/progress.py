@@ -262,8 +262,9 @@ class Bar(tqdm):
     """A tqdm bar whose format names `detail`: text after the bar (tqdm's postfix would start with a comma);
     `news` is its last detail that was not a `waiting` one, which it ends with."""
 
-    detail = ""
-    news = ""
+    def __init__(self, *args: Any, detail: str = "", news: str = "", **kwargs: Any):
+        self.detail, self.news = detail, news
+        super().__init__(*args, **kwargs)
 
     def close(self) -> None:
         self.detail = self.news or self.detail
@@ -324,9 +325,11 @@ class ProgressBars:
             return
         state = bar_state(event, self.epochs.get(phase))
         bar = self.bars.get(phase)
-        if bar is None:
-            bar = self.bars[phase] = Bar(total=state.total, file=self.file, bar_format=BAR_FORMAT, dynamic_ncols=True,
-                                         leave=True)
+        if bar is None:  # a new bar draws itself
+            self.bars[phase] = Bar(desc=state.desc, total=state.total, initial=state.n or 0, detail=state.detail,
+                                   news="" if state.waiting else state.detail, file=self.file, bar_format=BAR_FORMAT,
+                                   dynamic_ncols=True, leave=True)
+            return
         bar.total = state.total
         if state.n is not None:
             bar.n = state.n
