@@ -30,7 +30,8 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
-    """Run every phase in-process; rerunning the same command resumes from the last checkpoint."""
+    """Run every phase in-process; rerunning the same command resumes from the last checkpoint. Progress: one bar
+    per phase on stderr, drawn from the run's events (igat_core.progress)."""
     from igat_core.spec import SpecError, load_spec
 
     try:
@@ -39,14 +40,19 @@ def run(
         raise fail(str(exc), code=2) from None
 
     from igat_core.data import DatasetUnavailable
+    from igat_core.progress import ProgressBars
     from igat_core.report import accuracy_table, comparison_text
     from igat_core.runner import run_experiment
 
     out = out or Path("runs") / spec.name
+    bars = None if quiet else ProgressBars(sys.stderr)
     try:
-        results = run_experiment(spec, out, progress=not quiet)
+        results = run_experiment(spec, out, progress=False, listener=bars)
     except (DatasetUnavailable, RuntimeError, ValueError) as exc:
         raise fail(f"igat run failed: {exc}") from None
+    finally:
+        if bars is not None:
+            bars.close()
     typer.echo(f"\n{spec.name}: accuracy (%) on {results['evaluation']['n_examples']} test examples, "
                f"eps {results['evaluation']['eps'] * 255:.2f}/255\n")
     typer.echo(accuracy_table(results))

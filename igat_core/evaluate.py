@@ -43,6 +43,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, get_args
 
@@ -50,7 +51,9 @@ import torch
 from tqdm.auto import tqdm
 
 from igat_core.attacks import ATTACKS, EPS_TOLERANCE, PGD, Attack, OutputBounds, margin_loss, project_linf
+from igat_core.attacks.base import Standing, StepCallback
 from igat_core.ensemble import Ensemble
+from igat_core.progress import AttackProgress, EvalProgress
 from igat_core.spec import AttackName
 
 ATTACK_ORDER: tuple[str, ...] = get_args(AttackName)
@@ -257,9 +260,11 @@ class SurrogateMemo:
 
 
 def _attempt(run: Attack, attack: str, eps: float, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-             offset: int, memo: SurrogateMemo | None, bounds: OutputBounds | None) -> tuple[torch.Tensor, float]:
+             offset: int, memo: SurrogateMemo | None, bounds: OutputBounds | None,
+             step: StepCallback | None = None) -> tuple[torch.Tensor, float]:
     """Adversarial examples for the examples `index` of the batch (x, y) that starts at `offset`: the memo's where
-    it holds them, `run`'s elsewhere (stored in the memo, their raw bounds included in `bounds`); and the cost."""
+    it holds them, `run`'s elsewhere (stored in the memo, their raw bounds included in `bounds`; `run` reports its
+    steps to `step`); and the cost."""
     adv = x[index].clone()
     have, found = (memo.lookup(attack, eps, index + offset) if memo is not None
                    else (torch.zeros(len(index), dtype=torch.bool), None))
@@ -268,7 +273,8 @@ def _attempt(run: Attack, attack: str, eps: float, x: torch.Tensor, y: torch.Ten
     if bool(have.all()):
         return adv, 0.0
     need = ~have
-    adv[need.to(adv.device)] = run(x[index[need]], y[index[need]])
+    x_need, y_need = x[index[need]], y[index[need]]
+    adv[need.to(adv.device)] = run(x_need, y_need) if step is None else run(x_need, y_need, step=step)
     if bounds is not None and run.raw_bounds is not None:
         bounds.include(run.raw_bounds)
     if memo is not None:
@@ -280,11 +286,13 @@ def attack_outcome(ensemble: Ensemble, combiner: str, attack: str, images: torch
                    natural: torch.Tensor, config: EvalConfig, *, eps: float | None = None,
                    device: str | torch.device = "cpu", state_dir: str | os.PathLike | None = None,
                    bounds: OutputBounds | None = None, memo: SurrogateMemo | None = None, progress: bool = False,
-                   desc: str = "", attack_factory: AttackFactory = make_attack) -> AttackOutcome:
+                   desc: str = "", attack_factory: AttackFactory = make_attack,
+                   events: AttackProgress | None = None) -> AttackOutcome:
     """Which examples keep their correct label under `attack` against the `combiner` ensemble, the mean cost
     (gradients or queries) per attacked example, and the examples the verdicts were taken on. `natural` is the
     combiner's natural correctness. With `memo`, attacks on the average ensemble store their adversarial examples
-    there and reuse those already stored; `bounds` gathers the raw bounds of every attack call."""
+    there and reuse those already stored; `bounds` gathers the raw bounds of every attack call; `events` gets
+    the progress (examples attacked, robust accuracy so far) while the attack runs and the accuracy at its end."""
     eps = config.eps if eps is None else eps
     target = ensemble.with_combiner(combiner)
     attacks = {s: attack_factory(attack, ensemble.with_combiner(s), config,
@@ -296,18 +304,43 @@ def attack_outcome(ensemble: Ensemble, combiner: str, attack: str, images: torch
                       disable=not progress):
         x, y = images[start:start + config.batch_size].to(device), labels[start:start + config.batch_size].to(device)
         standing = outcome.robust[start:start + len(y)]
-        for surrogate, run in attacks.items():
+        for part, (surrogate, run) in enumerate(attacks.items()):
             index = standing.nonzero().squeeze(1)
             if index.numel() == 0:
                 break
             remembered = memo if surrogate == SurrogateMemo.SURROGATE and attack in WHITE_BOX else None
-            adv, cost = _attempt(run, attack, eps, x, y, index, start, remembered, bounds)
+            step = _step_events(events, outcome.robust, start, len(y), index, part / len(attacks),
+                                1 / len(attacks)) if events is not None else None
+            adv, cost = _attempt(run, attack, eps, x, y, index, start, remembered, bounds, step)
             spent += cost
             outcome.adversarial[index + start] = adv.to(outcome.adversarial.device)
             standing[index] = correct_mask(target, adv, y[index]).cpu()
+        if events is not None:
+            events.update(start + len(y), partial(_percent, outcome.robust[:start + len(y)]))
     attacked = int(natural.sum())
     outcome.cost = spent / attacked if attacked else 0.0
+    if events is not None:
+        events.finish(_percent(outcome.robust))
     return outcome
+
+
+def _step_events(events: AttackProgress, robust: torch.Tensor, start: int, size: int, index: torch.Tensor,
+                 begun: float, share: float) -> StepCallback:
+    """The step callback of an attempt on the examples `index` of the batch of `size` at `start`, a `share` of
+    the batch's work of which `begun` was done before it. Examples attacked so far count the batch's finished
+    share; the robust accuracy so far is over every example up to the batch's end, the attempt's examples counted
+    as the attack's `standing` says (robust where it does not say, or where the memo answered for them)."""
+    end = start + size
+    elsewhere = int(robust[:end].sum()) - index.numel()
+
+    def accuracy(standing: Standing | None) -> float:
+        mask = standing() if standing is not None else torch.ones(0, dtype=torch.bool)
+        return 100.0 * (elsewhere + index.numel() - len(mask) + int(mask.sum())) / end
+
+    def step(fraction: float, standing: Standing | None) -> None:
+        events.update(start + int((begun + share * fraction) * size), lambda: accuracy(standing))
+
+    return step
 
 
 def _percent(mask: torch.Tensor) -> float:
@@ -328,6 +361,7 @@ class _EnsembleRun:
     state_dir: Path | None
     attack_factory: AttackFactory
     memo: SurrogateMemo | None
+    events: EvalProgress | None = None
     evidence: SanityEvidence = field(default_factory=SanityEvidence)
 
     def attack(self, combiner: str, attack: str, natural: torch.Tensor, *, eps: float | None = None,
@@ -341,7 +375,8 @@ class _EnsembleRun:
             self.ensemble, combiner, attack, images, labels, natural, self.config, eps=eps, device=self.device,
             state_dir=self.state_dir if subset is None else None, bounds=self.evidence.bounds,
             memo=self.memo if subset is None else None, progress=self.progress,
-            desc=f"{self.desc} [{combiner}] {label}", attack_factory=self.attack_factory)
+            desc=f"{self.desc} [{combiner}] {label}", attack_factory=self.attack_factory,
+            events=self.events.attack(combiner, label, len(labels)) if self.events is not None else None)
         self.rescore(combiner, label, outcome.adversarial, labels, outcome.robust, natural)
         return outcome
 
@@ -362,6 +397,8 @@ class _EnsembleRun:
         """Every configured attack, the union, the eps sweep and the sanity evidence of one combiner."""
         config = self.config
         natural = natural_mask(self.ensemble, combiner, self.images, self.labels, config.batch_size, self.device)
+        if self.events is not None and "natural" in config.attacks:
+            self.events.attack(combiner, "natural", len(self.labels)).finish(_percent(natural))
         outcomes = {a: self.attack(combiner, a, natural) for a in ATTACK_ORDER
                     if a in config.attacks and a != "natural"}
         masks = {"natural": natural} if "natural" in config.attacks else {}
@@ -382,14 +419,15 @@ class _EnsembleRun:
 
 def evaluate_ensemble(ensemble: Ensemble, images: torch.Tensor, labels: torch.Tensor, config: EvalConfig, *,
                       device: str | torch.device = "cpu", progress: bool = True, desc: str = "evaluate",
-                      state_dir: str | os.PathLike | None = None,
-                      attack_factory: AttackFactory = make_attack) -> EnsembleEvaluation:
+                      state_dir: str | os.PathLike | None = None, attack_factory: AttackFactory = make_attack,
+                      events: EvalProgress | None = None) -> EnsembleEvaluation:
     """Accuracy in percent per combiner and attack, `union` (correct under natural and every attack), the eps
     sweep when configured, and the sanity checks. `state_dir` lets an interrupted AutoAttack resume;
-    `attack_factory` builds every attack by name."""
+    `attack_factory` builds every attack by name; `events` gets the progress of every attack run (the sanity
+    check's strong PGD and the sweep's included) and the natural accuracy."""
     run = _EnsembleRun(ensemble.to(device).eval(), images, labels, config, device, progress, desc,
                        Path(state_dir) if state_dir is not None else None, attack_factory,
-                       SurrogateMemo(len(labels)) if len(config.combiners) > 1 else None)
+                       SurrogateMemo(len(labels)) if len(config.combiners) > 1 else None, events)
     run.evidence.classes, run.evidence.examples = ensemble.config.num_classes, len(labels)
     result = EnsembleEvaluation(sweep_eps=tuple(config.eps_sweep))
     for combiner in sorted(config.combiners, key=lambda c: c != SurrogateMemo.SURROGATE):

@@ -8,10 +8,12 @@ each file. This module imports no torch, so the service uses it too.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,21 +86,45 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 @dataclass(frozen=True)
 class RunLog:
-    """Appends progress events and per-epoch metrics to the run directory (the service ingests both)."""
+    """Appends progress events and per-epoch metrics to the run directory (the service ingests both), and hands
+    each event's record to `listener` too (`igat run` draws its progress bars from them)."""
 
     out: Path
+    listener: Callable[[dict], None] | None = field(default=None, compare=False, repr=False)
 
     def event(self, phase: str, event: str, message: str = "", **data: object) -> None:
         record = {"time": datetime.now(UTC).isoformat(), "phase": phase, "event": event,
                   "message": message, **data}
         with open(self.out / EVENTS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.listener is not None:
+            self.listener(record)
+
+    def silent_for(self, tail_bytes: int = 65_536) -> float:
+        """Seconds since the newest event any process appended, Ray's own log lines (kind `log`) left out;
+        infinite when the last `tail_bytes` of events.jsonl hold none."""
+        try:
+            with open(self.out / EVENTS_FILE, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return math.inf
+        for line in reversed(lines):
+            when = _event_time(line)
+            if when is not None:
+                return time.time() - when
+        return math.inf
 
     def metrics(self, metrics: dict) -> None:
+        """A line of metrics.jsonl and its `epoch` event (with `examples_per_s` when the metrics have it)."""
         with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
-        self.event(metrics["phase"], "epoch", f"epoch {metrics['epoch']}: {shown}", epoch=metrics["epoch"])
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, float) and k not in ("seconds", "examples_per_s"))
+        rate = metrics.get("examples_per_s")
+        speed = {} if rate is None else {"examples_per_s": rate}
+        self.event(metrics["phase"], "epoch", f"epoch {metrics['epoch']}: {shown}"
+                   + ("" if rate is None else f" ({rate:.0f} examples/s)"), epoch=metrics["epoch"], **speed)
 
     def drop_metrics_after(self, phase: str, epoch: int) -> None:
         """Forget metrics of epochs that the resumed phase will redo, so each epoch appears once."""
@@ -111,6 +137,15 @@ class RunLog:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
+
+
+def _event_time(line: bytes) -> float | None:
+    """The POSIX time of an events.jsonl line, None for a log line or one that is not (yet) a whole event."""
+    try:
+        record = json.loads(line)
+        return None if record.get("event") == "log" else datetime.fromisoformat(record["time"]).timestamp()
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
 
 
 def read_json(path: Path) -> Any | None:

@@ -27,6 +27,7 @@ from igat_core.ensemble import (CheckpointError, Ensemble, MethodState, checkpoi
 from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record
 from igat_core.igat import CONTROLS, FineTuning, IgatConfig, fine_tune_objective
 from igat_core.models import ModelConfig
+from igat_core.progress import EvalProgress, Heartbeat, heartbeat
 from igat_core.report import write_report
 from igat_core.results import results_record
 from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, REPORT_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
@@ -36,6 +37,7 @@ from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, checkpoint_ref
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
 
 MODELS: tuple[str, ...] = ("base", *CONTROLS, "igat")
+Listener = Callable[[dict], None]
 BASE_CHECKPOINT = model_checkpoint("base")
 IGAT_CHECKPOINT = model_checkpoint("igat")
 DIAGNOSED_MODELS = ("base", "igat")
@@ -115,17 +117,19 @@ def trained_models(spec: ExperimentSpec) -> list[str]:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every phase reads: the spec, the run directory, the device, and how a training phase runs."""
+    """What every phase reads: the spec, the run directory, the device, and how a training phase runs;
+    `listener` also gets every event the run writes (`igat run`'s progress bars)."""
 
     spec: ExperimentSpec
     out: Path
     device: torch.device
     fit_fn: FitFn = local_fit
     progress: bool = True
+    listener: Listener | None = None
     log: RunLog = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "log", RunLog(self.out))
+        object.__setattr__(self, "log", RunLog(self.out, self.listener))
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,9 @@ def train_phase(ctx: RunContext, phase: str, ensemble: Ensemble, objective: Any,
     resumed_epoch = last_checkpoint_epoch(ckpt_dir)
     ctx.log.drop_metrics_after(phase, resumed_epoch)
     ctx.log.event(phase, "started", f"{phase}: epochs {resumed_epoch + 1}..{config.epochs}",
-                  resumed_from_epoch=resumed_epoch)
+                  resumed_from_epoch=resumed_epoch, epochs=config.epochs)
     ctx.fit_fn(FitRequest(phase, ensemble, objective, train, config, ckpt_dir, ctx.device,
-                          lambda m, _: ctx.log.metrics(m), ctx.progress))
+                          lambda m, _: ctx.log.metrics(m), ctx.progress, log=ctx.log))
     state = objective.state_dict() if isinstance(objective, MethodHooks) else {}
     ensemble.cpu().save(ctx.out / model_checkpoint(model), MethodState(ctx.spec.base.method, state))
 
@@ -277,7 +281,8 @@ def evaluate(ctx: RunContext, models: list[str]) -> dict:
         ctx.log.event("evaluate", "model", f"evaluating {model}", model=model)
         evaluations[model] = evaluate_ensemble(load_ensemble(ctx.out / model_checkpoint(model)), images, labels,
                                                config, device=ctx.device, progress=ctx.progress,
-                                               desc=f"evaluate {model}", state_dir=ctx.out / EVAL_STATE_DIR)
+                                               desc=f"evaluate {model}", state_dir=ctx.out / EVAL_STATE_DIR,
+                                               events=EvalProgress(ctx.log, model))
     record = evaluation_record(evaluations, config, len(labels))
     record["diagnostics"] = diagnostics(ctx, [m for m in DIAGNOSED_MODELS if m in models], images, labels)
     write_json_atomic(ctx.out / EVALUATION_FILE, record)
@@ -319,11 +324,12 @@ class Runner:
     `spec.tune` and returns results.json's `tune` record (the Ray workers supply both: workers.runner)."""
 
     def __init__(self, spec: ExperimentSpec, out: str | Path, *, progress: bool = True, fit_fn: FitFn = local_fit,
-                 tune_fn: TunePhase | None = None):
+                 tune_fn: TunePhase | None = None, listener: Listener | None = None):
         self.spec = spec
-        self.context = RunContext(spec, Path(out), resolve_device(spec.resources.device), fit_fn, progress)
+        self.context = RunContext(spec, Path(out), resolve_device(spec.resources.device), fit_fn, progress, listener)
         self.state = RunState(self.context.out / STATE_FILE)
         self.tune_fn = tune_fn
+        self.beat: Heartbeat | None = None
 
     @property
     def out(self) -> Path:
@@ -333,12 +339,12 @@ class Runner:
         if self.spec.tune.enabled and self.tune_fn is None:
             raise ValueError("tune.enabled: the alpha/beta search runs on Ray Tune; submit the spec to the service "
                              "(igat submit) or run `python -m workers.runner SPEC.yaml`, or set tune.enabled: false")
-        with torch_threads(self.spec.resources.threads):
+        self.out.mkdir(parents=True, exist_ok=True)
+        with torch_threads(self.spec.resources.threads), heartbeat(self.context.log, "run") as self.beat:
             return self._run_phases()
 
     def _run_phases(self) -> dict:
         ctx = self.context
-        ctx.out.mkdir(parents=True, exist_ok=True)
         check_same_spec(self.spec, ctx.out)
         ctx.log.event("run", "started", f"run {self.spec.name} on {ctx.device}")
         torch.manual_seed(self.spec.seed)
@@ -361,11 +367,16 @@ class Runner:
         if self.state.done(phase):
             return
         started = time.perf_counter()
+        if self.beat is not None:
+            self.beat.enter(phase)
         try:
             made = body()
         except Exception as exc:  # the reason in the run's events too; the traceback stays on stderr
             self.context.log.event(phase, "failed", f"{phase} failed: {exc}", error=type(exc).__name__)
             raise
+        finally:
+            if self.beat is not None:
+                self.beat.enter("run")
         seconds = time.perf_counter() - started
         self.state.finish(phase, seconds, **(record(made) if record else {}))
         self.context.log.event(phase, "finished", f"{phase} finished in {seconds:.1f}s")
@@ -393,6 +404,6 @@ def check_same_spec(spec: ExperimentSpec, out: Path) -> None:
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, progress: bool = True, fit_fn: FitFn = local_fit,
-                   tune_fn: TunePhase | None = None) -> dict:
-    return Runner(spec, out, progress=progress, fit_fn=fit_fn, tune_fn=tune_fn).run()
+                   tune_fn: TunePhase | None = None, listener: Listener | None = None) -> dict:
+    return Runner(spec, out, progress=progress, fit_fn=fit_fn, tune_fn=tune_fn, listener=listener).run()
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from igat_core.data import Split, augment_crop_flip
 from igat_core.defenses.base import LossOutput, MethodHooks
 from igat_core.ensemble import Ensemble, atomic_torch_save, ensemble_from_checkpoint
+from igat_core.progress import EventLog, TrainProgress
 from igat_core.rundir import LAST_CHECKPOINT
 
 
@@ -150,11 +151,13 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, rank: int
 
 def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainConfig, checkpoint_dir: str | Path, *,
         device: str | torch.device = "cpu", report: Report | None = None, rank: int = 0, world_size: int = 1,
-        progress: bool = True, phase: str = "train", gradient_sync: GradientSync | None = None) -> FitResult:
+        progress: bool = True, phase: str = "train", gradient_sync: GradientSync | None = None,
+        events: TrainProgress | None = None) -> FitResult:
     """Train `ensemble` for config.epochs epochs, resuming from checkpoint_dir/last.pt when it exists.
 
     With world_size > 1 each rank trains on its shard of every global batch; `gradient_sync` is called with
-    the optimised parameters after each backward pass (see the module docstring).
+    the optimised parameters after each backward pass (see the module docstring). `events` (rank 0's) gets the
+    progress within each epoch; each epoch's metrics include `examples_per_s` (of the global batches).
     """
     checkpoint_dir = Path(checkpoint_dir)
     ensemble.to(device)
@@ -187,6 +190,8 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
             hooks.start_epoch(ensemble, epoch, config.epochs, generator)
         totals: dict[str, float] = {}
         seen = 0
+        if events is not None:
+            events.start_epoch()
         bar = tqdm(batches, desc=f"{phase} {epoch}/{config.epochs}", leave=False, disable=not progress or rank != 0)
         for number, idx in enumerate(bar, start=1):
             x, y = images[idx], labels[idx]
@@ -207,10 +212,13 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
                 totals[key] = totals.get(key, 0.0) + value * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{loss:.3f}")
+            if events is not None:
+                events.batch(epoch, number, len(batches), seen * world_size)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = {"phase": phase, "epoch": epoch, "lr": lr, **{k: v / max(seen, 1) for k, v in totals.items()}}
         metrics["seconds"] = time.perf_counter() - started
+        metrics["examples_per_s"] = seen * world_size / max(metrics["seconds"], 1e-9)
         if rank == 0:
             atomic_torch_save({
                 "epoch": epoch,
@@ -239,6 +247,11 @@ class FitRequest:
     device: torch.device
     report: Report
     progress: bool = True
+    log: EventLog | None = None
+
+    def progress_events(self) -> TrainProgress | None:
+        """The phase's progress events within its epochs, into `log` (none without one)."""
+        return None if self.log is None else TrainProgress(self.log, self.phase, self.config.epochs)
 
 
 FitFn = Callable[[FitRequest], None]
@@ -247,4 +260,5 @@ FitFn = Callable[[FitRequest], None]
 def local_fit(request: FitRequest) -> None:
     """The phase in this process; `request.ensemble` ends up trained."""
     fit(request.ensemble, request.objective, request.train, request.config, request.checkpoint_dir,
-        device=request.device, report=request.report, progress=request.progress, phase=request.phase)
+        device=request.device, report=request.report, progress=request.progress, phase=request.phase,
+        events=request.progress_events())

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -370,7 +370,18 @@ def study_summary(record: dict[str, Any]) -> str:
 
 
 def follow(experiment_id: str) -> str:
-    """Print the experiment's events until it finishes (reconnecting with Last-Event-ID); returns its status."""
+    """Draw the experiment's events as progress bars (igat_core.progress) until it finishes, reconnecting with
+    Last-Event-ID; returns its status."""
+    from igat_core.progress import ProgressBars
+
+    bars = ProgressBars(sys.stdout)
+    try:
+        return _follow(experiment_id, bars)
+    finally:
+        bars.close()
+
+
+def _follow(experiment_id: str, bars: Callable[[dict[str, Any]], None]) -> str:
     import httpx
 
     last: str | None = None
@@ -393,7 +404,7 @@ def follow(experiment_id: str) -> str:
                     if event.get("id"):
                         last = event["id"]
                     if "data" in event:
-                        typer.echo(_format_event(json.loads(event["data"])))
+                        bars(json.loads(event["data"]))
         except httpx.TransportError as exc:
             failures += 1
             if failures > 10:
@@ -420,11 +431,6 @@ def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
             event[name] = value
     if event:
         yield event
-
-
-def _format_event(e: dict[str, Any]) -> str:
-    phase = f"[{e['phase']}] " if e.get("phase") else ""
-    return f"{e.get('time', '')[:19]} {phase}{e.get('kind', '')}: {e.get('message', '')}".rstrip(": ")
 
 
 def status(

@@ -90,8 +90,19 @@ class Server:
 
 
 def stream(client, experiment_id: str) -> str:
-    """Print the experiment's events (Ray's own log lines left out) until it ends; returns its final status."""
-    from service.cli import _format_event, parse_sse
+    """Draw the experiment's events as progress bars (igat_core.progress; Ray's own log lines left out) until it
+    ends; returns its final status."""
+    from igat_core.progress import ProgressBars
+
+    bars = ProgressBars(sys.stdout)
+    try:
+        return _stream(client, experiment_id, bars)
+    finally:
+        bars.close()
+
+
+def _stream(client, experiment_id: str, bars) -> str:
+    from service.cli import parse_sse
 
     last: str | None = None
     while True:
@@ -104,11 +115,9 @@ def stream(client, experiment_id: str) -> str:
                         return json.loads(event["data"])["status"]
                     last = event.get("id", last)
                     if "data" in event:
-                        data = json.loads(event["data"])
-                        if data.get("kind") != "log":
-                            print(_format_event(data), flush=True)
+                        bars(json.loads(event["data"]))
         except Exception as exc:  # a dropped stream: reconnect from the last event
-            print(f"(event stream interrupted: {exc}; reconnecting)", flush=True)
+            bars.write(f"(event stream interrupted: {exc}; reconnecting)")
             time.sleep(2)
 
 

@@ -156,7 +156,7 @@ class Event(Base):
     seq: Mapped[int] = mapped_column(Integer, doc="1, 2, ... per experiment; the SSE id")
     time: Mapped[datetime] = mapped_column(default=utcnow)
     phase: Mapped[str | None] = mapped_column(String(32))
-    kind: Mapped[str] = mapped_column(String(32), doc="started | finished | epoch | message | status")
+    kind: Mapped[str] = mapped_column(String(32), doc="started | finished | epoch | progress | message | status | ...")
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 

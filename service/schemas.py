@@ -70,7 +70,8 @@ class EventOut(BaseModel):
     seq: int = Field(description="1, 2, ... per experiment; the SSE id")
     time: datetime
     phase: str | None
-    kind: str = Field(description="status | started | finished | epoch | message")
+    kind: str = Field(description="status | started | finished | failed | epoch | progress | waiting | message | ... "
+                      "(service/README.md lists every kind and its data)")
     message: str
     data: dict[str, Any] | None = None
 

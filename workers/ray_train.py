@@ -128,7 +128,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     fit(request.ensemble, request.objective, request.train, request.config, request.checkpoint_dir, device=device,
         report=report, rank=rank, world_size=world_size, progress=False, phase=request.phase,
-        gradient_sync=allreduce_mean_gradients if world_size > 1 else None)
+        gradient_sync=allreduce_mean_gradients if world_size > 1 else None,
+        events=request.progress_events() if rank == 0 else None)
     if world_size > 1:
         check_replicas_agree(optimised_parameters(request))
 

@@ -127,7 +127,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     ensemble = ensemble_from_checkpoint(context.base)
     objective = IgatObjective(copy.deepcopy(context.method), replace(context.igat, alpha=alpha, beta=beta))
     request = FitRequest(phase, ensemble, objective, context.train, context.config, trial_dir, torch.device("cpu"),
-                         MetricsWriter(context.run_dir, phase), progress=False)
+                         MetricsWriter(context.run_dir, phase), progress=False, log=RunLog(context.run_dir))
     name = f"{context.scaling.name_prefix}-tune-{trial_key(alpha, beta).replace(',', '-')}"
     RayTrainFit(context.scaling, callbacks=[TuneReportCallback()], scorer=context.scorer, run_name=name)(request)
     with torch_threads(context.scaling.threads):

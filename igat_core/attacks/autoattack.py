@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from igat_core.attacks.base import Attack, AttackSettings, ModelMode
+from igat_core.attacks.base import Attack, AttackSettings, ModelMode, Standing
 from igat_core.ensemble import atomic_torch_save
 
 COMPONENTS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 STATE_VERSION = 1
+
+
+def _copy_of(mask: torch.Tensor) -> Standing:
+    return lambda: mask.clone()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -108,6 +113,26 @@ class AutoAttack(Attack):
         with torch.random.fork_rng(devices=devices):
             return self._build(component, num_classes)(images, labels).detach()
 
+    @contextmanager
+    def _forwards_reported(self, part: int, expected: int, robust: torch.Tensor) -> Iterator[None]:
+        """Report component `part` by its forward passes, `expected` of them (at most 99% until it returns); the
+        examples standing meanwhile are those the earlier components left (`robust`)."""
+        if not self.reporting:
+            yield
+            return
+        calls = 0
+
+        def counted(*_: object) -> None:
+            nonlocal calls
+            calls += 1
+            self.report_progress((part + min(calls / expected, 0.99)) / len(self.components), _copy_of(robust))
+
+        handle = self.model.register_forward_hook(counted)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def _key(self, images: torch.Tensor, labels: torch.Tensor) -> str:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model)
@@ -140,13 +165,14 @@ class AutoAttack(Attack):
                                         "broken": torch.zeros(0, dtype=torch.long),
                                         "adv": torch.zeros(0, *images.shape[1:]),
                                         "cost": torch.zeros(n, dtype=torch.long)}
-        for component in self.components:
+        for part, component in enumerate(self.components):
             if component in state["done"]:
                 continue
             index = state["robust"].nonzero().squeeze(1)
             if index.numel() and not (component == "apgd-t" and num_classes < 4):
                 x, y = images[index.to(images.device)], labels[index.to(images.device)]
-                adv = self.run_component(component, x, y, num_classes)
+                with self._forwards_reported(part, self.component_cost(component, num_classes), state["robust"]):
+                    adv = self.run_component(component, x, y, num_classes)
                 with torch.no_grad():
                     fooled = (self.model(adv).argmax(1) != y).cpu()
                 state["robust"][index[fooled]] = False
@@ -155,6 +181,7 @@ class AutoAttack(Attack):
                 state["cost"][index] += self.component_cost(component, num_classes)
             state["done"].append(component)
             self._save(path, state)
+            self.report_progress((part + 1) / len(self.components), _copy_of(state["robust"]))
         self.cost = state["cost"].clone()
         adv = images.clone()
         if len(state["broken"]):

@@ -81,4 +81,6 @@ class Bandits(BlackBoxAttack):
             x = project_linf(x + self.image_lr * self._upsample(v, images.shape).sign(), images[index], self.eps)
             adv[index] = x
             active[index] = self.query(x, index).argmax(1) == y
+            if self.reporting:
+                self.report_progress(self.work_done(active), self.unbroken(active, 3))
         return adv

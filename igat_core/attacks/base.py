@@ -8,6 +8,10 @@ black-box ones (`BlackBoxAttack`), which see the model only through `query` and 
 Every attack's own `forward` keeps its output in the eps-ball and [0,1]. `Attack.__call__` still projects the
 output (so the numbers computed on it are always of valid examples), and records in `raw_bounds` what `forward`
 returned before that projection, for the evaluation's sanity checks: a forward that steps outside shows there.
+
+A caller may pass `step`, a `StepCallback`: the attack's `forward` calls `report_progress` after each of its steps
+(iteration, query round, component), which hands the callback the fraction of the call's work done and, lazily,
+which examples stand so far. Reporting reads the attack's state and changes nothing it computes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
@@ -24,6 +29,11 @@ from torch import nn
 
 ModelMode = Literal["eval", "train"]
 EPS_TOLERANCE = 1e-6
+#: Which examples of the call the attack has not broken so far (a bool tensor, computed only when asked).
+Standing = Callable[[], torch.Tensor]
+#: Told after each step of an attack call: the fraction of the call's work done, and the standing examples when
+#: the attack knows them.
+StepCallback = Callable[[float, Standing | None], None]
 
 
 def project_linf(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,6 +46,11 @@ def margin_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     true = outputs.gather(1, labels[:, None]).squeeze(1)
     others = outputs.masked_fill(F.one_hot(labels, outputs.shape[1]).bool(), float("-inf"))
     return others.amax(dim=1) - true
+
+
+def standing_of(outputs: torch.Tensor, labels: torch.Tensor) -> Standing:
+    """The examples `outputs` classify correctly, computed when asked (a `report_progress` argument)."""
+    return lambda: (outputs.detach().argmax(1) == labels).cpu()
 
 
 def cross_entropy(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -98,6 +113,7 @@ class AttackSettings(Protocol):
 class Attack(ABC):
     name: str = "attack"
     white_box: bool = True
+    _step: StepCallback | None = None
 
     def __init__(self, model: nn.Module, eps: float, model_mode: ModelMode = "eval"):
         if not 0.0 <= eps <= 1.0:
@@ -120,18 +136,30 @@ class Attack(ABC):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The attack itself, on a model already in the right mode."""
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: StepCallback | None = None) -> torch.Tensor:
         if images.min() < 0 or images.max() > 1:
             raise ValueError("images must lie in [0, 1] (normalisation belongs inside the model)")
         was_training = self.model.training
         self.model.train(self.model_mode == "train")
+        self._step = step
         try:
             with torch.enable_grad() if self.white_box else torch.no_grad():
                 adv = self.forward(images.detach(), labels.detach())
         finally:
             self.model.train(was_training)
+            self._step = None
         self.raw_bounds = OutputBounds.measure(adv.detach(), images, self.eps)
         return project_linf(adv.detach(), images, self.eps)
+
+    @property
+    def reporting(self) -> bool:
+        """Whether this call has a step callback (an attack may skip bookkeeping it needs only for reports)."""
+        return self._step is not None
+
+    def report_progress(self, fraction: float, standing: Standing | None = None) -> None:
+        """Tell the call's step callback, if any, that `fraction` of the call's work is done."""
+        if self._step is not None:
+            self._step(min(max(fraction, 0.0), 1.0), standing)
 
     def __repr__(self) -> str:
         hidden = ("model", "cost", "generator", "raw_bounds")
@@ -169,3 +197,15 @@ class BlackBoxAttack(Attack):
         """Queries each example may still spend."""
         assert self.cost is not None
         return self.queries - self.cost
+
+    def unbroken(self, active: torch.Tensor, floor: int = 1) -> Standing:
+        """The examples not broken so far, by the attack's `active` examples and its stop rule: an inactive
+        example with `floor` or more queries left stopped because it was broken (or misclassified from the start)."""
+        return lambda: active.cpu() | (self.left() < floor)
+
+    def work_done(self, active: torch.Tensor) -> float:
+        """The fraction of the call's work done: a stopped example counts whole, an `active` one by the share of
+        its budget it has spent."""
+        assert self.cost is not None
+        share = (self.cost.double() / self.queries).masked_fill(~active.cpu(), 1.0)
+        return float(share.mean()) if len(share) else 1.0

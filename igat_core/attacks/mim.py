@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks.base import Attack, AttackSettings, ModelMode, project_linf
+from igat_core.attacks.base import Attack, AttackSettings, ModelMode, project_linf, standing_of
 
 
 class MIM(Attack):
@@ -37,12 +37,14 @@ class MIM(Attack):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = images.clone()
         momentum = torch.zeros_like(images)
-        for _ in range(self.steps):
+        for t in range(self.steps):
             x = x.detach().requires_grad_(True)
-            grad, = torch.autograd.grad(F.cross_entropy(self.model(x), labels, reduction="sum"), x)
+            outputs = self.model(x)
+            grad, = torch.autograd.grad(F.cross_entropy(outputs, labels, reduction="sum"), x)
             l1 = grad.abs().flatten(1).sum(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
             # Dong et al. 2018, Alg. 1: g_{t+1} = mu g_t + grad / ||grad||_1; x_{t+1} = x_t + alpha sign(g_{t+1}).
             momentum = self.decay * momentum + grad / l1
             x = project_linf(x.detach() + self.step * momentum.sign(), images, self.eps)
+            self.report_progress((t + 1) / self.steps, standing_of(outputs, labels))
         self.cost = torch.full((len(images),), self.steps, dtype=torch.long)
         return x.detach()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks.base import Attack, AttackSettings, ModelMode, project_linf
+from igat_core.attacks.base import Attack, AttackSettings, ModelMode, project_linf, standing_of
 
 
 class PGD(Attack):
@@ -39,25 +39,30 @@ class PGD(Attack):
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, labels, reduction="sum")
 
-    def _one_run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _one_run(self, images: torch.Tensor, labels: torch.Tensor, run: int = 0) -> torch.Tensor:
+        """Restart `run`; its steps are reported with the examples standing at each iterate (the first run's:
+        a later run attacks only some of the call's examples)."""
         x = images
         if self.random_start:
             noise = torch.rand(images.shape, generator=self.generator, device="cpu").to(images.device)
             x = (images + (2 * noise - 1) * self.eps).clamp(0.0, 1.0)
-        for _ in range(self.steps):
+        for t in range(self.steps):
             x = x.detach().requires_grad_(True)
-            grad, = torch.autograd.grad(self.loss(self.model(x), labels), x)
+            outputs = self.model(x)
+            grad, = torch.autograd.grad(self.loss(outputs, labels), x)
             x = project_linf(x.detach() + self.step * grad.sign(), images, self.eps)
+            self.report_progress((run * self.steps + t + 1) / (self.restarts * self.steps),
+                                 standing_of(outputs, labels) if run == 0 else None)
         return x.detach()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         best = self._one_run(images, labels)
-        for _ in range(self.restarts - 1):
+        for run in range(1, self.restarts):
             with torch.no_grad():
                 robust = self.model(best).argmax(1) == labels
             if not robust.any():
                 break
-            candidate = self._one_run(images[robust], labels[robust])
+            candidate = self._one_run(images[robust], labels[robust], run)
             best[robust] = candidate
         self.cost = torch.full((len(images),), self.steps * self.restarts, dtype=torch.long)
         return best

@@ -74,4 +74,6 @@ class SignHunter(BlackBoxAttack):
             kept = index[keep]
             signs[kept], best[kept], adv[kept] = candidate[keep], value[keep], x[keep]
             active[index[fooled]] = False
+            if self.reporting:
+                self.report_progress(self.work_done(active), self.unbroken(active))
         return adv.view_as(images)

@@ -63,4 +63,6 @@ class SimBA(BlackBoxAttack):
                 true_log_prob[taken] = log_prob[better]
                 pending[taken] = False
                 active[taken] = out[better].argmax(1) == labels[taken]
+            if self.reporting:
+                self.report_progress(max((t + 1) / d, self.work_done(active)), lambda: active.cpu())
         return adv.view_as(images)
