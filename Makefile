@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test venv bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-mlflow.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-mlflow.txt 2>&1 \
+		| grep -v "^WARNING: Location\|^ERROR: pip's dependency resolver\|torchattacks .* requires requests" || true
 	$(PY) -c "import torch, torchvision, ray, fastapi, sqlalchemy, torchattacks, mlxtend, sklearn, igat_core"
+	$(PY) -c "import mlflow"
 	touch $(STAMP)
 
 venv: $(STAMP)

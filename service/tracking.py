@@ -161,7 +161,7 @@ class Tracking:
         assert settings.mlflow_tracking_uri, "Tracking needs IGAT_MLFLOW_TRACKING_URI"
         if importlib.util.find_spec("mlflow") is None:
             raise TrackingUnavailable("IGAT_MLFLOW_TRACKING_URI is set, but MLflow is not installed: pip install "
-                                      "'igat[mlflow]'")
+                                      "-r requirements-mlflow.txt")
         self.uri = settings.mlflow_tracking_uri
         self.shown_uri = without_password(self.uri)
         self.experiment_name = settings.mlflow_experiment
