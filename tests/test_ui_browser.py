@@ -2,8 +2,8 @@
 by uvicorn on a free port, a real SQLite database in deployed mode (IGAT_OPEN_READS=false, so every read the pages
 make carries the token, the event stream included) and a dispatcher running the stand-in runner.
 
-The stand-in runner leaves the committed results/examples/quickstart.json (3 of its sanity checks failed) as a
-finished experiment's results.json, with real plots and checkpoint files, and per-run results for a 6-run study.
+The stand-in runner leaves tests/fixtures/quickstart_results_3_failed_checks.json (a real quickstart run of
+2026-12-02, 3 of its sanity checks failed) as a finished experiment's results.json, with real plots and checkpoint files, and per-run results for a 6-run study.
 The tests compare every number the UI's tables show with the run's results.json and the study's results route.
 
 Each test writes a screenshot to var/ui-screenshots/<name>.png. Without Chromium or Playwright the tests skip;
@@ -40,7 +40,7 @@ CHROMIUM = Path(os.environ.get("IGAT_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = ROOT / "var" / "ui-screenshots"
-QUICKSTART = ROOT / "results" / "examples" / "quickstart.json"
+QUICKSTART = ROOT / "tests" / "fixtures" / "quickstart_results_3_failed_checks.json"
 WAIT_MS = 30_000
 STUDY = {"name": "uis", "description": "Tables 1-3 over three seeds, for the UI test.",
          "experiment": {**fake_spec("ok", epochs=2), "controls": ["global_at"]}, "grid": {"seed": [0, 1, 2]},
