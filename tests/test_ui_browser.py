@@ -3,7 +3,8 @@ by uvicorn on a free port, a real SQLite database in deployed mode (IGAT_OPEN_RE
 make carries the token, the event stream included) and a dispatcher running the stand-in runner.
 
 The stand-in runner leaves tests/fixtures/quickstart_results_3_failed_checks.json (a real quickstart run of
-2026-12-02, 3 of its sanity checks failed) as a finished experiment's results.json, with real plots and checkpoint files, and per-run results for a 6-run study.
+2026-12-02, 3 of its sanity checks failed) as a finished experiment's results.json, with real plots and checkpoint
+files, and per-run results for a 6-run study.
 The tests compare every number the UI's tables show with the run's results.json and the study's results route.
 
 Each test writes a screenshot to var/ui-screenshots/<name>.png. Without Chromium or Playwright the tests skip;
