@@ -130,7 +130,10 @@ function throttled(task, ms) {
     task();
   };
   const call = () => { waiting = waiting || setTimeout(run, ms); };
-  call.cancel = () => clearTimeout(waiting);
+  call.cancel = () => {
+    clearTimeout(waiting);
+    waiting = null;
+  };
   return call;
 }
 
@@ -149,8 +152,12 @@ export function experimentPage(root, id) {
     replace(parts.events, eventLog(state.events));
   };
   const later = throttled(render, 100);
+  let asked = 0;
   const refresh = async () => {
-    state.experiment = await get(`/experiments/${id}`);
+    const ticket = ++asked;
+    const experiment = await get(`/experiments/${id}`);
+    if (ticket !== asked) return;
+    state.experiment = experiment;
     later();
   };
   const loadMetrics = async () => {
@@ -188,6 +195,8 @@ export function experimentPage(root, id) {
       await refresh();
       await loadMetrics();
       await loadResults().catch((error) => replace(parts.results, problem(error)));
+      later.cancel();
+      render();
       page.dataset.ended = state.experiment.status;
     }
   };
