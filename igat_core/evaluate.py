@@ -6,7 +6,8 @@ under it every white-box attack is run twice, on the max ensemble and then, on t
 the smooth average surrogate; an example counts as broken when either attempt breaks it. The surrogate attempt
 reuses the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated
 first) and attacks only the examples that evaluation did not attack. Black-box attacks query the deployed
-combiner only. Each attack draws its randomness from a generator seeded by (seed, combiner, attack,
+combiner only. The ensemble-aware attacks (MORA, the member-logit surrogates; `Attack.ensemble_aware`) read the
+members themselves and are white-box attacks like the others. Each attack draws its randomness from a generator seeded by (seed, combiner, attack,
 surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by name by
 an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
 

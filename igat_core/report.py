@@ -62,7 +62,8 @@ def accuracy_table(results: dict) -> str:
 
 
 def extra_table(results: dict) -> str:
-    """MIM, SimBA and Bandits (supplement Table 1) and the per-example union over every attack, Table 1's layout."""
+    """MIM, SimBA and Bandits (supplement Table 1), the ensemble-aware MORA and Logit-PGD, and the per-example union
+    over every attack, Table 1's layout."""
     attacks = _present(results["evaluation"], EXTRA_ATTACKS)
     return _grid(results, attacks) if attacks else ""
 
