@@ -7,8 +7,8 @@ the smooth average surrogate; an example counts as broken when either attempt br
 reuses the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated
 first) and attacks only the examples that evaluation did not attack. Black-box attacks query the deployed
 combiner only. The ensemble-aware attacks (MORA, the member-logit surrogates; `Attack.ensemble_aware`) read the
-members themselves and are white-box attacks like the others. Each attack draws its randomness from a generator seeded by (seed, combiner, attack,
-surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by name by
+members themselves and are white-box attacks like the others. Each attack draws its randomness from a generator
+seeded by (seed, combiner, attack, surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by name by
 an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
 
 The sanity checks (attacks.md section 6), each of which a faulty attack or model makes fail:
