@@ -2,14 +2,14 @@
 sanity checks that say whether the numbers can be trusted.
 
 Every attack runs only on the examples the combiner classifies correctly. The max combiner masks gradients, so
-under it every white-box attack is run twice, on the max ensemble and then, on the examples still standing, on
-the smooth average surrogate; an example counts as broken when either attempt breaks it. The surrogate attempt
-reuses the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated
-first) and attacks only the examples that evaluation did not attack. Black-box attacks query the deployed
-combiner only. The ensemble-aware attacks (MORA, the member-logit surrogates; `Attack.ensemble_aware`) read the
-members themselves and are white-box attacks like the others. Each attack draws its randomness from a generator
-seeded by (seed, combiner, attack, surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by name by
-an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
+under it every white-box attack is run twice, on the max ensemble and then, on the examples still standing, on the
+smooth average surrogate; an example counts as broken when either attempt breaks it. The surrogate attempt reuses
+the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated first) and
+attacks only the examples that evaluation did not attack. Black-box attacks query the deployed combiner only. The
+ensemble-aware attacks (MORA, the member-logit surrogates; `Attack.ensemble_aware`) read the members themselves and
+are white-box attacks like the others. Each attack draws its randomness from a generator seeded by (seed, combiner,
+attack, surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by
+name by an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
 
 The sanity checks (attacks.md section 6), each of which a faulty attack or model makes fail:
 - `perturbation_within_eps`, `pixels_within_range`: the raw output of every attack's own `forward`, before the
