@@ -106,9 +106,15 @@ class Ensemble(nn.Module):
         return torch.stack([o.logits for o in outputs]), torch.stack([o.aux for o in outputs])  # type: ignore[misc]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combined_and_members(x)[0]
+
+    def combined_and_members(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ensemble's output and the (N, B, C) member logits it combines, from one pass of each member."""
         if self.combiner == ROUTED:
-            return routed_log_probs(*self.member_logits_and_aux(x))
-        return combine_log_probs(self.member_logits(x), self.combiner)
+            logits, aux = self.member_logits_and_aux(x)
+            return routed_log_probs(logits, aux), logits
+        logits = self.member_logits(x)
+        return combine_log_probs(logits, self.combiner), logits
 
     def with_combiner(self, combiner: str) -> Ensemble:
         """A view sharing these members that combines with `combiner`."""

@@ -2,13 +2,14 @@
 sanity checks that say whether the numbers can be trusted.
 
 Every attack runs only on the examples the combiner classifies correctly. The max combiner masks gradients, so
-under it every white-box attack is run twice, on the max ensemble and then, on the examples still standing, on
-the smooth average surrogate; an example counts as broken when either attempt breaks it. The surrogate attempt
-reuses the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated
-first) and attacks only the examples that evaluation did not attack. Black-box attacks query the deployed
-combiner only. Each attack draws its randomness from a generator seeded by (seed, combiner, attack,
-surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by name by
-an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
+under it every white-box attack is run twice, on the max ensemble and then, on the examples still standing, on the
+smooth average surrogate; an example counts as broken when either attempt breaks it. The surrogate attempt reuses
+the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated first) and
+attacks only the examples that evaluation did not attack. Black-box attacks query the deployed combiner only. The
+ensemble-aware attacks (MORA, the member-logit surrogates; `Attack.ensemble_aware`) read the members themselves and
+are white-box attacks like the others. Each attack draws its randomness from a generator seeded by (seed, combiner,
+attack, surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by
+name by an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
 
 The sanity checks (attacks.md section 6), each of which a faulty attack or model makes fail:
 - `perturbation_within_eps`, `pixels_within_range`: the raw output of every attack's own `forward`, before the
@@ -28,6 +29,8 @@ The sanity checks (attacks.md section 6), each of which a faulty attack or model
 - `black_box_not_stronger_<combiner>`: no black-box attack more than 0.5 points below the strongest white-box one.
 - `pgd_converged_<combiner>`: PGD-`steps` within 2 points of PGD-`sanity_pgd_steps` with restarts, on
   `sanity_examples` equidistant examples.
+- `ensemble_aware_not_stronger_<combiner>`: no ensemble-aware attack (MORA, the member-logit surrogates) more than
+  2 points below AutoAttack; when one is, the robustness under the paper's attacks is overstated.
 - `monotone_in_eps_<combiner>`: the sweep's accuracy non-increasing in eps.
 - `learned_<combiner>`: natural accuracy at least twice chance c = 1 / classes (halfway from c to 100 % when
   that is less) and above c by more than 3.09 binomial standard deviations over the evaluated examples (one-sided
@@ -59,6 +62,9 @@ from igat_core.spec import AttackName
 ATTACK_ORDER: tuple[str, ...] = get_args(AttackName)
 WHITE_BOX: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and ATTACKS[a].white_box)
 BLACK_BOX: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and not ATTACKS[a].white_box)
+ENSEMBLE_AWARE: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and ATTACKS[a].ensemble_aware)
+PAPER_ATTACKS = ("pgd", "autoattack")
+OVERSTATED_MARGIN = 2.0
 BLACK_BOX_MARGIN = 0.5
 PGD_CONVERGENCE_MARGIN = 2.0
 NOISE_MARGIN = 1.0
@@ -86,6 +92,8 @@ class EvalConfig:
     bandits_queries: int = 10_000
     autoattack_steps: int = 100
     square_queries: int = 5000
+    mora_steps: int = 100
+    mora_restarts: int = 5
     eps_sweep: tuple[float, ...] = ()
     eps_sweep_attack: str = "autoattack"
     sanity_pgd_steps: int = 100
@@ -444,7 +452,8 @@ def sanity_checks(evaluation: EnsembleEvaluation, evidence: SanityEvidence, conf
         found = [_learned_check(combiner, acc, evidence),
                  _rescoring_check(combiner, evidence.rescoring.get(combiner, {})),
                  _noise_check(combiner, acc, evidence.noise.get(combiner)), _black_box_check(combiner, acc),
-                 _pgd_check(combiner, evidence.strong_pgd.get(combiner), config)]
+                 _pgd_check(combiner, evidence.strong_pgd.get(combiner), config),
+                 _ensemble_aware_check(combiner, acc)]
         checks += [c for c in found if c is not None]
     checks += [_monotone_check(c, v, evaluation.sweep_eps, config) for c, v in evaluation.sweep.items()]
     return checks
@@ -515,6 +524,20 @@ def _black_box_check(combiner: str, acc: dict[str, float]) -> SanityCheck | None
         f"strongest white-box {strongest} {white[strongest]:.2f}; "
         + (f"black-box below it by more than {BLACK_BOX_MARGIN} points: {', '.join(beating)}" if beating
            else f"no black-box attack more than {BLACK_BOX_MARGIN} points below it"))
+
+
+def _ensemble_aware_check(combiner: str, acc: dict[str, float]) -> SanityCheck | None:
+    aware = {a: v for a, v in acc.items() if a in ENSEMBLE_AWARE}
+    if "autoattack" not in acc or not aware:
+        return None
+    strongest = min(aware, key=aware.__getitem__)
+    gap = acc["autoattack"] - aware[strongest]
+    passed = gap <= OVERSTATED_MARGIN + PERCENT_ROUNDOFF
+    return SanityCheck(
+        f"ensemble_aware_not_stronger_{combiner}", passed,
+        f"strongest ensemble-aware attack {strongest} {aware[strongest]:.2f} vs AutoAttack {acc['autoattack']:.2f} "
+        f"({gap:+.2f} points below it, allowed {OVERSTATED_MARGIN})"
+        + ("" if passed else "; the robustness under the paper's attacks is overstated"))
 
 
 def _pgd_check(combiner: str, strong: tuple[float, float, int] | None, config: EvalConfig) -> SanityCheck | None:

@@ -33,7 +33,8 @@ Combiner = Literal["average", "max"]
 BaseMethodName = Literal["plain", "pgd_at", "adp", "gal", "dverge", "trs", "soe", "cldl"]
 DistributionRule = Literal["soft", "hard", "random", "opposite"]
 RegularizerForm = Literal["paper", "per_member"]
-AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits"]
+AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits", "mora",
+                     "logit_pgd"]
 ModelMode = Literal["eval", "train"]
 ControlName = Literal["continued", "global_at"]
 
@@ -244,8 +245,8 @@ class IgatSpec(_Strict):
 class EvalSpec(_Strict):
     attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"], max_length=len(get_args(AttackName)),
                                       json_schema_extra=_UNIQUE_NON_EMPTY,
-                                      description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits; "
-                                      "at least one, none repeated")
+                                      description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits, "
+                                      "mora, logit_pgd; at least one, none repeated")
     eps: Perturbation = 8 / 255
     step: Perturbation = Field(2 / 255, description="step of PGD, CW-L-inf and MIM")
     steps: int = Field(20, ge=1, le=10_000, description="iterations of PGD, CW-L-inf and MIM")
@@ -260,6 +261,9 @@ class EvalSpec(_Strict):
     bandits_queries: int = Field(10_000, ge=1, le=10_000_000, description="forward queries per example")
     autoattack_steps: int = Field(100, ge=1, le=10_000, description="iterations of APGD-CE, APGD-T and FAB-T")
     square_queries: int = Field(5000, ge=1, le=1_000_000, description="queries of AutoAttack's Square")
+    mora_steps: int = Field(100, ge=1, le=10_000, description="iterations of each MORA run (authors' n_iter: 100)")
+    mora_restarts: int = Field(5, ge=1, le=100, description="MORA runs, over the authors' mixing weights "
+                               "0.5, 0, 0.25, 0.75, 1 (authors: 5)")
     eps_sweep: bool = Field(False, description="also evaluate eps_sweep_attack at every eps of eps_sweep_values")
     eps_sweep_values: list[Perturbation] = Field(default_factory=lambda: [k / 255 for k in (2, 4, 6, 8, 10)],
                                                  min_length=1, max_length=64)

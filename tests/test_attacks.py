@@ -150,7 +150,8 @@ def test_autoattack_rejects_unknown_components(trained_ensemble):
 
 
 TINY = EvalConfig(eps=0.3, step=0.075, steps=5, signhunter_queries=40, simba_queries=40, bandits_queries=40,
-                  autoattack_steps=3, square_queries=30, sanity_pgd_steps=5, sanity_pgd_restarts=2)
+                  autoattack_steps=3, square_queries=30, mora_steps=5, mora_restarts=2, sanity_pgd_steps=5,
+                  sanity_pgd_restarts=2)
 
 
 @pytest.mark.parametrize("name", [*(a for a in ATTACK_ORDER if a != "natural"), STRONG_PGD])

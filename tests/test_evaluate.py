@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks import FGSM, PGD, Attack, OutputBounds
+from igat_core.attacks import FGSM, MORA, PGD, Attack, LogitPGD, OutputBounds
 from igat_core.defenses import Plain
 from igat_core.ensemble import Ensemble
 from igat_core.evaluate import (ATTACK_ORDER, AttackFactory, EnsembleEvaluation, EvalConfig, SanityEvidence,
@@ -25,8 +25,8 @@ from igat_core.train import TrainConfig, fit
 from tests.conftest import digits_config
 
 SMALL = dict(eps=0.1, step=0.025, steps=10, batch_size=40, signhunter_queries=60, simba_queries=80,
-             bandits_queries=60, autoattack_steps=3, square_queries=40, sanity_pgd_steps=20,
-             sanity_pgd_restarts=2, sanity_examples=12)
+             bandits_queries=60, autoattack_steps=3, square_queries=40, mora_steps=10, mora_restarts=2,
+             sanity_pgd_steps=20, sanity_pgd_restarts=2, sanity_examples=12)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,16 +64,17 @@ def test_sweep_runs_at_each_eps_in_the_given_order(full):
 
 
 def test_sanity_checks_cover_every_requirement_and_pass_on_the_real_attacks(full):
-    """At this tiny budget PGD-10 is not converged (PGD-20 with restarts breaks more of the 12 examples) and on
-    the max combiner SignHunter breaks one example of 36 more than it, so those two checks are only present here;
-    the pair tests below show each of them passing and failing."""
+    """At this tiny budget PGD-10 is not converged (PGD-20 with restarts breaks more of the 12 examples), on
+    the max combiner SignHunter breaks one example of 36 more than it, and MORA (2 runs of 10 steps) beats
+    AutoAttack at 3 steps by 5 to 9 points, so those three checks are only present here; the pair tests below show
+    each of them passing and failing."""
     checks = {c.name: c for c in full.sanity}
     per_combiner = ("learned", "rescoring_agrees", "white_box_not_weaker_than_noise", "black_box_not_stronger",
-                    "pgd_converged", "monotone_in_eps")
+                    "pgd_converged", "monotone_in_eps", "ensemble_aware_not_stronger")
     expected = {"perturbation_within_eps", "pixels_within_range",
                 *(f"{check}_{combiner}" for check in per_combiner for combiner in ("average", "max"))}
     assert set(checks) == expected
-    budget_bound = ("pgd_converged", "black_box_not_stronger")
+    budget_bound = ("pgd_converged", "black_box_not_stronger", "ensemble_aware_not_stronger")
     failed = {name: c.detail for name, c in checks.items() if not c.passed and not name.startswith(budget_bound)}
     assert not failed
 
@@ -188,6 +189,17 @@ def test_the_thresholds_of_the_numeric_checks():
     assert all(c.passed for c in ok.values()) and len(ok) == 6
 
 
+@pytest.mark.parametrize("mora, passed", [(48.0, True), (47.9, False)])
+def test_an_ensemble_aware_attack_beating_autoattack_by_more_than_two_points_fails(mora, passed):
+    acc = {"max": {"natural": 90.0, "pgd": 52.0, "autoattack": 50.0, "logit_pgd": 49.0, "mora": mora}}
+    check = by_name(sanity_checks(evaluation(acc), SanityEvidence(), EvalConfig()))["ensemble_aware_not_stronger_max"]
+    assert check.passed is passed and f"mora {mora:.2f} vs AutoAttack 50.00" in check.detail
+    assert ("robustness under the paper's attacks is overstated" in check.detail) is not passed
+    without_autoattack = {"max": {"pgd": 52.0, "mora": mora}}
+    assert "ensemble_aware_not_stronger_max" not in by_name(sanity_checks(evaluation(without_autoattack),
+                                                                          SanityEvidence(), EvalConfig()))
+
+
 def test_config_from_spec_and_validation():
     spec = EvalSpec(attacks=["natural", "simba"], eps="4/255", eps_sweep=True, eps_sweep_values=["1/255", "2/255"],
                     signhunter_queries=100, cw_kappa=0)
@@ -292,6 +304,24 @@ class TrainModeLeavingPGD(PGD):
         return adv
 
 
+class UnprojectedMORA(MORA):
+    """MORA without its projection: the random start and every step leave the eps-ball and [0,1]."""
+
+    def project(self, x: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class OvershootingSurrogatePGD(PGD):
+    """PGD whose output lies 2 eps beyond the ball, as the surrogate attack of a broken logit surrogate."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(images, labels) + 2 * self.eps
+
+
+class OvershootingLogitPGD(LogitPGD):
+    surrogate_attack = OvershootingSurrogatePGD
+
+
 Build = Callable[[nn.Module, float, EvalConfig, torch.Generator], Attack]
 
 
@@ -340,6 +370,10 @@ CASES = {
                           settings={"attacks": ("pgd", "signhunter")}),
     "not_converged": Case("pgd_converged_average", lambda m, eps, c, g: CreepingPGD(m, eps, c.steps, g),
                           settings={"eps": 0.3, "step": 0.075, "sanity_examples": 36}),
+    "mora_steps_outside_eps": Case("perturbation_within_eps", lambda m, eps, c, g: UnprojectedMORA(
+        m, eps, 5, 2, generator=g), lambda m, eps, c, g: MORA(m, eps, 5, 2, generator=g)),
+    "logit_pgd_steps_outside_eps": Case("perturbation_within_eps", lambda m, eps, c, g: OvershootingLogitPGD(
+        m, eps, c.step, c.steps, generator=g), lambda m, eps, c, g: LogitPGD(m, eps, c.step, c.steps, generator=g)),
     "weaker_at_larger_eps": Case("monotone_in_eps_average", pgd_like(ShrinkingPGD),
                                  settings={"eps_sweep": (0.03, 0.1, 0.2), "eps_sweep_attack": "pgd"}),
 }

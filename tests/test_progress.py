@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from igat_core.attacks import MIM, PGD, AutoAttack, Bandits, CWLinf, SignHunter, SimBA
+from igat_core.attacks import MIM, MORA, PGD, AutoAttack, Bandits, CWLinf, LogitPGD, SignHunter, SimBA
 from igat_core.defenses import Plain
 from igat_core.ensemble import Ensemble
 from igat_core.evaluate import EvalConfig, evaluate_ensemble
@@ -157,6 +157,8 @@ ATTACKS = {
     "signhunter": lambda m: SignHunter(m, 0.1, queries=30),
     "simba": lambda m: SimBA(m, 0.1, queries=30, generator=torch.Generator().manual_seed(1)),
     "bandits": lambda m: Bandits(m, 0.1, queries=31, generator=torch.Generator().manual_seed(1)),
+    "mora": lambda m: MORA(m, 0.1, steps=3, restarts=2, generator=torch.Generator().manual_seed(1)),
+    "logit_pgd": lambda m: LogitPGD(m, 0.1, 0.025, 3, generator=torch.Generator().manual_seed(1)),
 }
 
 

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import yaml
 
-from igat_core.spec import (MAX_MILESTONES, CheckpointReference, SpecError, checkpoint_reference, load_spec,
+from igat_core.spec import (MAX_MILESTONES, AttackName, CheckpointReference, SpecError, checkpoint_reference, load_spec,
                             parse_spec)
 from igat_core.study_spec import MAX_DEPTH, MAX_ENTRIES, MAX_EXPERIMENTS, StudySpecError, parse_study
 
@@ -46,7 +48,8 @@ def test_params_values_are_short_finite_scalars(value, reason):
 def test_lists_are_bounded():
     milestones = list(range(1, MAX_MILESTONES + 2))
     found = problems_of({"base": {"train": {"epochs": 1, "lr": 0.1, "milestones": milestones}},
-                         "eval": {"attacks": ["pgd"] * 9, "combiners": ["max"] * 3}})
+                         "eval": {"attacks": ["pgd"] * (len(get_args(AttackName)) + 1),
+                                  "combiners": ["max"] * 3}})
     assert set(found) == {"base.train.milestones", "eval.attacks", "eval.combiners"}
     assert all("at most" in reason for reason in found.values())
     parse_spec({"base": {"train": {"epochs": 1, "lr": 0.1, "milestones": milestones[:-1]}}})

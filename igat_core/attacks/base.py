@@ -53,6 +53,22 @@ def standing_of(outputs: torch.Tensor, labels: torch.Tensor) -> Standing:
     return lambda: (outputs.detach().argmax(1) == labels).cpu()
 
 
+def top2_margin(outputs: torch.Tensor) -> torch.Tensor:
+    """Per row of the last dimension: the largest entry minus the second largest."""
+    top = outputs.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def outputs_and_members(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output and its members' (N, B, C) logits (`Ensemble.combined_and_members`); a model without
+    members is its own single member."""
+    both = getattr(model, "combined_and_members", None)
+    if callable(both):
+        return both(x)
+    outputs = model(x)
+    return outputs, outputs[None]
+
+
 def cross_entropy(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per example cross-entropy; on an ensemble's log-probabilities it is -log p_y."""
     return F.cross_entropy(outputs, labels, reduction="none")
@@ -108,11 +124,15 @@ class AttackSettings(Protocol):
     bandits_queries: int
     autoattack_steps: int
     square_queries: int
+    mora_steps: int
+    mora_restarts: int
 
 
 class Attack(ABC):
     name: str = "attack"
     white_box: bool = True
+    #: Whether the attack reads the members themselves, not only the combined output (MORA, the logit surrogates).
+    ensemble_aware: bool = False
     _step: StepCallback | None = None
 
     def __init__(self, model: nn.Module, eps: float, model_mode: ModelMode = "eval"):
