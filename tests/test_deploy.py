@@ -327,13 +327,17 @@ def test_compose_exposes_nothing_beyond_what_deploy_readme_says():
     assert compose_exposure_problems(compose()) == []
 
 
+def assert_refuses_a_broken_copy(check, original, break_) -> None:
+    mutate, expected = break_
+    broken = copy.deepcopy(original)
+    mutate(broken)
+    problems = check(broken)
+    assert any(expected in problem for problem in problems), problems
+
+
 @pytest.mark.parametrize("break_", COMPOSE_BREAKS.values(), ids=COMPOSE_BREAKS.keys())
 def test_the_compose_exposure_check_refuses_a_broken_copy(break_):
-    mutate, expected = break_
-    doc = copy.deepcopy(compose())
-    mutate(doc)
-    problems = compose_exposure_problems(doc)
-    assert any(expected in problem for problem in problems), problems
+    assert_refuses_a_broken_copy(compose_exposure_problems, compose(), break_)
 
 
 def test_every_variable_compose_reads_is_documented_in_env_example():
@@ -593,11 +597,7 @@ def test_the_kuberay_manifests_expose_nothing_beyond_what_deploy_readme_says():
 
 @pytest.mark.parametrize("break_", MANIFEST_BREAKS.values(), ids=MANIFEST_BREAKS.keys())
 def test_the_kuberay_exposure_check_refuses_a_broken_copy(break_):
-    mutate, expected = break_
-    docs = copy.deepcopy(manifests())
-    mutate(docs)
-    problems = manifest_exposure_problems(docs)
-    assert any(expected in problem for problem in problems), problems
+    assert_refuses_a_broken_copy(manifest_exposure_problems, manifests(), break_)
 
 
 def compose_ray_env(service: str, token: str) -> dict[str, str]:
