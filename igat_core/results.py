@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from igat_core.evaluate import ENSEMBLE_AWARE, PAPER_ATTACKS, point_differences, relative_improvement
+from igat_core.evaluate import ENSEMBLE_AWARE, PAPER_ATTACKS, UNIONS, point_differences, relative_improvement
 from igat_core.runtime import runtime_record
 
 
@@ -31,7 +31,7 @@ def evaluation_section(evaluation: Mapping[str, Any], eps: float) -> dict:
 def adaptive_verdict(accuracy: Mapping[str, Any]) -> dict:
     """{model: {combiner: {strongest, accuracy, below: {paper attack: points}}}}; empty when no ensemble-aware
     attack ran."""
-    attacked = {m: {c: {a: v for a, v in acc.items() if a not in ("natural", "union")} for c, acc in by_c.items()}
+    attacked = {m: {c: {a: v for a, v in acc.items() if a not in ("natural", *UNIONS)} for c, acc in by_c.items()}
                 for m, by_c in accuracy.items()}
     if not any(a in ENSEMBLE_AWARE for by_c in attacked.values() for acc in by_c.values() for a in acc):
         return {}

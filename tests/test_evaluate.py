@@ -17,8 +17,8 @@ from torch import nn
 from igat_core.attacks import FGSM, MORA, PGD, Attack, LogitPGD, OutputBounds
 from igat_core.defenses import Plain
 from igat_core.ensemble import Ensemble
-from igat_core.evaluate import (ATTACK_ORDER, AttackFactory, EnsembleEvaluation, EvalConfig, SanityEvidence,
-                                correct_mask, evaluate_ensemble, evaluation_record, learned_threshold,
+from igat_core.evaluate import (ATTACK_ORDER, ENSEMBLE_AWARE, AttackFactory, EnsembleEvaluation, EvalConfig,
+                                SanityEvidence, correct_mask, evaluate_ensemble, evaluation_record, learned_threshold,
                                 make_attack, relative_improvement, sanity_checks)
 from igat_core.spec import EvalSpec
 from igat_core.train import TrainConfig, fit
@@ -47,10 +47,12 @@ def full(trained_ensemble, examples, tmp_path_factory):
 def test_every_attack_under_both_combiners_with_union_and_cost(full):
     for combiner in ("average", "max"):
         acc = full.accuracy[combiner]
-        assert set(acc) == {*ATTACK_ORDER, "union"}
+        assert set(acc) == {*ATTACK_ORDER, "union", "union_standard"}
         attacked = [v for a, v in acc.items() if a != "natural"]
         assert all(0.0 <= v <= acc["natural"] for v in attacked)
         assert acc["union"] == pytest.approx(min(acc.values()), abs=1e-9) or acc["union"] < min(acc.values())
+        standard = [v for a, v in acc.items() if a not in (*ENSEMBLE_AWARE, "union", "union_standard")]
+        assert acc["union"] <= acc["union_standard"] <= min(standard)
         assert acc["pgd"] < acc["natural"]
         cost = full.cost[combiner]
         assert 0 < cost["signhunter"] <= 60 and 0 < cost["simba"] <= 80 and 0 < cost["bandits"] <= 60
