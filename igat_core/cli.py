@@ -122,14 +122,15 @@ def _register_theory_commands() -> None:
 _register_theory_commands()
 
 
-def _split_names(values: list[str] | None) -> list[str] | None:
+def _split_names(values: list[str] | None, transfer: bool = False) -> list[str] | None:
+    """The attacks of --attacks; `all` is every attack (the transfer attack only with a `transfer` source)."""
     if not values:
         return None
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
     if names == ["all"]:
         from igat_core.evaluate import ATTACK_ORDER
 
-        return list(ATTACK_ORDER)
+        return [a for a in ATTACK_ORDER if transfer or a != "transfer"]
     return names
 
 
@@ -167,25 +168,22 @@ def _eval_spec(config: Path | None, overrides: dict):
 
 def _checkpoint_dataset(path: Path, model_config, requested: str | None) -> str:
     """--dataset, else the dataset the checkpoint records, else the only dataset of the checkpoint's shape."""
-    from igat_core.data import DATASETS, dataset_info
-
-    def shape(name: str) -> tuple[int, int, int, int]:
-        info = dataset_info(name)
-        return info.channels, info.height, info.width, info.num_classes
+    from igat_core.data import DATASETS
+    from igat_core.dataset_info import input_shape_mismatch
 
     expected = (model_config.in_channels, model_config.height, model_config.width_px, model_config.num_classes)
     name = requested or model_config.dataset
     if name is None:
-        matches = [d for d in DATASETS if shape(d) == expected]
+        matches = [d for d in DATASETS if input_shape_mismatch(*expected, d) is None]
         if len(matches) != 1:
             raise ValueError(f"{path} does not record its dataset; pass --dataset NAME (one of {', '.join(DATASETS)})")
         typer.echo(f"{path} does not record its dataset; its input shape matches {matches[0]!r} (--dataset overrides)")
         name = matches[0]
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if shape(name) != expected:
-        raise ValueError(f"{path} takes {expected[0]}x{expected[1]}x{expected[2]} images with {expected[3]} classes, "
-                         f"but {name} has {shape(name)[0]}x{shape(name)[1]}x{shape(name)[2]} with {shape(name)[3]}")
+    mismatch = input_shape_mismatch(*expected, name)
+    if mismatch:
+        raise ValueError(f"{path} {mismatch}")
     return name
 
 
@@ -201,7 +199,8 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help=f"directory for {RESULTS_FILE}, {REPORT_FILE} and {PLOTS_DIR}/")],
     attacks: Annotated[list[str] | None, typer.Option(
         "--attacks", help="comma-separated or repeated: natural, pgd, cw, mim, autoattack, signhunter, simba, "
-                          "bandits, or all (default: natural,pgd,cw,signhunter,autoattack)")] = None,
+                          "bandits, mora, logit_pgd, transfer, or all (default: natural,pgd,cw,signhunter,"
+                          "autoattack)")] = None,
     combiner: Annotated[str, typer.Option("--combiner", help="average, max or both")] = "both",
     eps: Annotated[str | None, typer.Option("--eps", help="L-inf radius, e.g. 8/255 (default: 8/255)")] = None,
     step: Annotated[str | None, typer.Option(
@@ -212,6 +211,9 @@ def evaluate(
     dataset: Annotated[str | None, typer.Option("--dataset", help="test data (default: the checkpoint's)")] = None,
     baseline: Annotated[Path | None, typer.Option(
         "--baseline", help="a second checkpoint (e.g. the base ensemble): adds its row and Table 2")] = None,
+    transfer_from: Annotated[Path | None, typer.Option(
+        "--transfer-from", help="an independently trained ensemble: adds the transfer attack (PGD and MIM examples "
+                                "made on it)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of eval settings (spec's eval section)")]
     = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
@@ -226,9 +228,10 @@ def evaluate(
     if combiner not in combiners:
         raise fail(f"--combiner must be average, max or both, got {combiner!r}", code=2)
     try:
-        spec = _eval_spec(config, {"attacks": _split_names(attacks), "combiners": combiners[combiner], "eps": eps,
-                                   "step": step, "n_examples": n_examples, "eps_sweep": eps_sweep or None,
-                                   "batch_size": batch_size})
+        spec = _eval_spec(config, {"attacks": _split_names(attacks, transfer_from is not None),
+                                   "combiners": combiners[combiner], "eps": eps, "step": step,
+                                   "n_examples": n_examples, "eps_sweep": eps_sweep or None, "batch_size": batch_size,
+                                   "transfer_from": str(transfer_from) if transfer_from else None})
     except SpecError as exc:
         raise fail(str(exc), code=2) from None
 
@@ -236,8 +239,10 @@ def evaluate(
 
     try:
         models, name = _eval_models(checkpoint, baseline, dataset)
+        source = _transfer_source(spec.transfer_from, name)
         torch_device = _device(device)
-        record, seconds = _evaluate_models(models, name, spec, out, torch_device, seed, progress=not quiet)
+        record, seconds = _evaluate_models(models, name, spec, out, torch_device, seed, progress=not quiet,
+                                           transfer=source)
     except (ValueError, RuntimeError, DatasetUnavailable) as exc:
         raise fail(f"igat eval: {exc}", code=2) from None
     from igat_core.results import results_record
@@ -245,7 +250,8 @@ def evaluate(
     results = results_record(
         record, name=f"igat eval {checkpoint}", spec={"eval": spec.model_dump(mode="json")}, eps=spec.eps,
         timing={"evaluate": seconds}, device=torch_device, reference="baseline", target="model",
-        artifacts={m: str(p) for m, p in (("model", checkpoint), ("baseline", baseline)) if p is not None},
+        artifacts={m: str(p) for m, p in (("model", checkpoint), ("baseline", baseline),
+                                          ("transfer_source", spec.transfer_from)) if p is not None},
         provenance={"checkpoint": str(checkpoint), "dataset": name, "seed": seed,
                     "improvement_label": "model vs baseline"})
     _write_eval_results(results, out)
@@ -269,22 +275,39 @@ def _eval_models(checkpoint: Path, baseline: Path | None, dataset: str | None) -
     return models, name
 
 
+def _transfer_source(path: str | None, dataset: str):
+    """The ensemble of --transfer-from (or the config's eval.transfer_from), checked against the dataset."""
+    from igat_core.spec import STANDARD_TRANSFER_SOURCE
+
+    if path is None:
+        return None
+    if path == STANDARD_TRANSFER_SOURCE:
+        raise ValueError("eval.transfer_from: 'standard' trains a source inside `igat run`; igat eval takes the path "
+                         "of a trained ensemble")
+    source = _load_checkpoint(Path(path))
+    _checkpoint_dataset(Path(path), source.config, dataset)
+    return source
+
+
 def _evaluate_models(models: dict, dataset: str, spec, out: Path, device, seed: int, *,
-                     progress: bool) -> tuple[dict, float]:
-    """The evaluation record of every model on the test examples, and its seconds."""
+                     progress: bool, transfer=None) -> tuple[dict, float]:
+    """The evaluation record of every model on the test examples (the transfer attack's examples made on the
+    `transfer` source), and its seconds."""
     import time
 
     from igat_core.data import equidistant_indices, load_dataset
-    from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record
+    from igat_core.evaluate import EvalConfig, attack_factory_for, evaluate_ensemble, evaluation_record
     from igat_core.rundir import EVAL_STATE_DIR
 
     test = load_dataset(dataset, "test")
     idx = equidistant_indices(len(test.labels), spec.n_examples)
     config = EvalConfig.from_spec(spec, seed)
+    factory = attack_factory_for(transfer, config)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     evaluations = {m: evaluate_ensemble(e, test.images[idx], test.labels[idx], config, device=device,
-                                        progress=progress, desc=f"evaluate {m}", state_dir=out / EVAL_STATE_DIR)
+                                        progress=progress, desc=f"evaluate {m}", state_dir=out / EVAL_STATE_DIR,
+                                        attack_factory=factory)
                    for m, e in models.items()}
     return evaluation_record(evaluations, config, len(idx)), time.perf_counter() - started
 

@@ -39,3 +39,13 @@ def dataset_info(name: str) -> DatasetInfo:
     """Static facts about a dataset; loads no data."""
     check_dataset_name(name)
     return DATASET_INFO[name]
+
+
+def input_shape_mismatch(channels: int, height: int, width: int, classes: int, name: str) -> str | None:
+    """Why a model for `channels`x`height`x`width` images and `classes` classes cannot take dataset `name`'s
+    examples, or None when it can."""
+    info = dataset_info(name)
+    if (info.channels, info.height, info.width, info.num_classes) == (channels, height, width, classes):
+        return None
+    return (f"takes {channels}x{height}x{width} images with {classes} classes, but {name} has "
+            f"{info.channels}x{info.height}x{info.width} with {info.num_classes}")

@@ -6,8 +6,10 @@ under it every white-box attack is run twice, on the max ensemble and then, on t
 smooth average surrogate; an example counts as broken when either attempt breaks it. The surrogate attempt reuses
 the adversarial examples the average combiner's own evaluation found (the average combiner is evaluated first) and
 attacks only the examples that evaluation did not attack. Black-box attacks query the deployed combiner only. The
-ensemble-aware attacks (MORA, the member-logit surrogates; `Attack.ensemble_aware`) read the members themselves and
-are white-box attacks like the others. Each attack draws its randomness from a generator seeded by (seed, combiner,
+ensemble-aware attacks (`Attack.ensemble_aware`) are those the paper's evaluation lacks: MORA and the
+member-logit surrogates read the members themselves and are white-box attacks like the others; the transfer attack
+scores examples made on an independent source ensemble (`WithTransferSource`) and runs on the deployed combiner
+only. Each attack draws its randomness from a generator seeded by (seed, combiner,
 attack, surrogate, eps), so an attack's number does not depend on which other attacks ran. Attacks are built by
 name by an `AttackFactory` (`make_attack` unless `evaluate_ensemble` is given another).
 
@@ -29,8 +31,8 @@ The sanity checks (attacks.md section 6), each of which a faulty attack or model
 - `black_box_not_stronger_<combiner>`: no black-box attack more than 0.5 points below the strongest white-box one.
 - `pgd_converged_<combiner>`: PGD-`steps` within 2 points of PGD-`sanity_pgd_steps` with restarts, on
   `sanity_examples` equidistant examples.
-- `ensemble_aware_not_stronger_<combiner>`: no ensemble-aware attack (MORA, the member-logit surrogates) more than
-  2 points below AutoAttack; when one is, the robustness under the paper's attacks is overstated.
+- `ensemble_aware_not_stronger_<combiner>`: no ensemble-aware attack (MORA, the member-logit surrogates, transfer)
+  more than 2 points below AutoAttack; when one is, the robustness under the paper's attacks is overstated.
 - `monotone_in_eps_<combiner>`: the sweep's accuracy non-increasing in eps.
 - `learned_<combiner>`: natural accuracy at least twice chance c = 1 / classes (halfway from c to 100 % when
   that is less) and above c by more than 3.09 binomial standard deviations over the evaluated examples (one-sided
@@ -53,7 +55,8 @@ from typing import Any, Protocol, get_args
 import torch
 from tqdm.auto import tqdm
 
-from igat_core.attacks import ATTACKS, EPS_TOLERANCE, PGD, Attack, OutputBounds, margin_loss, project_linf
+from igat_core.attacks import (ATTACKS, EPS_TOLERANCE, PGD, Attack, OutputBounds, Transfer, TransferSource, margin_loss,
+                               project_linf)
 from igat_core.attacks.base import Standing, StepCallback
 from igat_core.ensemble import Ensemble
 from igat_core.progress import AttackProgress, EvalProgress
@@ -61,7 +64,8 @@ from igat_core.spec import AttackName
 
 ATTACK_ORDER: tuple[str, ...] = get_args(AttackName)
 WHITE_BOX: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and ATTACKS[a].white_box)
-BLACK_BOX: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and not ATTACKS[a].white_box)
+BLACK_BOX: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and not ATTACKS[a].white_box
+                                   and not ATTACKS[a].ensemble_aware)
 ENSEMBLE_AWARE: tuple[str, ...] = tuple(a for a in ATTACK_ORDER if a in ATTACKS and ATTACKS[a].ensemble_aware)
 PAPER_ATTACKS = ("pgd", "autoattack")
 UNIONS = ("union", "union_standard")
@@ -186,6 +190,29 @@ def make_attack(name: str, model: torch.nn.Module, config: EvalConfig, generator
     if name not in ATTACK_ORDER or name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}")
     return ATTACKS[name].from_settings(model, eps, config, generator, state_dir=state_dir)
+
+
+@dataclass(frozen=True)
+class WithTransferSource:
+    """The `AttackFactory` of an evaluation with a transfer source: the transfer attack scores the examples made on
+    `source`, every other attack is `make_attack`'s."""
+
+    source: TransferSource
+
+    def __call__(self, name: str, model: torch.nn.Module, config: EvalConfig, generator: torch.Generator, *,
+                 eps: float | None = None, state_dir: str | os.PathLike | None = None) -> Attack:
+        if name == Transfer.name:
+            return Transfer(model, config.eps if eps is None else eps, self.source)
+        return make_attack(name, model, config, generator, eps=eps, state_dir=state_dir)
+
+
+def attack_factory_for(source: Ensemble | None, config: EvalConfig) -> AttackFactory:
+    """`make_attack`, or with a transfer `source` ensemble (attacked under the average combiner) the factory whose
+    transfer attack uses it with the evaluation's PGD budget."""
+    if source is None:
+        return make_attack
+    model = source.with_combiner("average").eval()
+    return WithTransferSource(TransferSource(model, config.step, config.steps, config.mim_decay))
 
 
 @torch.no_grad()

@@ -11,9 +11,9 @@ from igat_core.rundir import PLOTS_DIR, REPORT_FILE
 
 ATTACK_TITLES = {"natural": "Natural", "pgd": "PGD", "cw": "CW", "signhunter": "SH", "autoattack": "AA",
                  "mim": "MIM", "simba": "SimBA", "bandits": "Bandits", "mora": "MORA", "logit_pgd": "Logit-PGD",
-                 "union_standard": "Union w/o ens.-aware", "union": "Union"}
+                 "transfer": "Transfer", "union_standard": "Union w/o ens.-aware", "union": "Union"}
 TABLE1_ATTACKS = ("natural", "pgd", "cw", "signhunter", "autoattack")
-EXTRA_ATTACKS = ("mim", "simba", "bandits", "mora", "logit_pgd", "union_standard", "union")
+EXTRA_ATTACKS = ("mim", "simba", "bandits", "mora", "logit_pgd", "transfer", "union_standard", "union")
 MODEL_TITLES = {"base": "base", "baseline": "baseline", "continued": "continued", "global_at": "global_at",
                 "igat": "iGAT", "model": "model"}
 COMBINERS = ("average", "max")
@@ -62,8 +62,8 @@ def accuracy_table(results: dict) -> str:
 
 
 def extra_table(results: dict) -> str:
-    """MIM, SimBA and Bandits (supplement Table 1), the ensemble-aware MORA and Logit-PGD, the per-example union
-    without the ensemble-aware attacks and over every attack, Table 1's layout."""
+    """MIM, SimBA and Bandits (supplement Table 1), the ensemble-aware MORA, Logit-PGD and transfer, the per-example
+    union without the ensemble-aware attacks and over every attack, Table 1's layout."""
     attacks = _present(results["evaluation"], EXTRA_ATTACKS)
     return _grid(results, attacks) if attacks else ""
 

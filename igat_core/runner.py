@@ -1,5 +1,6 @@
 """A whole experiment as phases: pretrain (or load) the base ensemble, tune alpha/beta (on Ray), fine-tune iGAT and
-the equal-budget controls, evaluate, report.
+the equal-budget controls, train the transfer attack's source when `eval.transfer_from: standard`, evaluate,
+report.
 
 Each phase is a function of a `RunContext` (spec, run directory, device, how to train) and its explicit inputs;
 it writes its files in the run directory (igat_core.rundir) and returns what it made. `Runner` composes them for
@@ -20,11 +21,12 @@ from typing import Any
 import torch
 
 from igat_core.data import Split, dataset_info, equidistant_indices, load_dataset
+from igat_core.dataset_info import input_shape_mismatch
 from igat_core.defenses import DEFENSES, BaseMethod, build_method
 from igat_core.defenses.base import MethodHooks
 from igat_core.ensemble import (CheckpointError, Ensemble, MethodState, checkpoint_errors, ensemble_from_checkpoint,
                                import_dverge_checkpoint, load_ensemble, method_state, read_checkpoint)
-from igat_core.evaluate import EvalConfig, evaluate_ensemble, evaluation_record
+from igat_core.evaluate import EvalConfig, attack_factory_for, evaluate_ensemble, evaluation_record
 from igat_core.igat import CONTROLS, FineTuning, IgatConfig, fine_tune_objective
 from igat_core.models import ModelConfig
 from igat_core.progress import EvalProgress, Heartbeat, heartbeat
@@ -33,7 +35,8 @@ from igat_core.results import results_record
 from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, REPORT_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
                               TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, read_json, write_json_atomic)
 from igat_core.runtime import torch_threads
-from igat_core.spec import AttackSpec, ExperimentSpec, OptimSpec, checkpoint_reference, dump_spec, load_spec
+from igat_core.spec import (STANDARD_TRANSFER_SOURCE, AttackSpec, ExperimentSpec, OptimSpec, checkpoint_reference,
+                            dump_spec, load_spec)
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
 
 MODELS: tuple[str, ...] = ("base", *CONTROLS, "igat")
@@ -41,6 +44,9 @@ Listener = Callable[[dict], None]
 BASE_CHECKPOINT = model_checkpoint("base")
 IGAT_CHECKPOINT = model_checkpoint("igat")
 DIAGNOSED_MODELS = ("base", "igat")
+TRANSFER_SOURCE = "transfer_source"
+TRANSFER_SOURCE_CHECKPOINT = model_checkpoint(TRANSFER_SOURCE)
+TRANSFER_SEED_OFFSET = 1000
 
 
 # ----------------------------------------------------------------------------------------- the spec, resolved
@@ -157,9 +163,9 @@ class RunState:
 
 
 def train_phase(ctx: RunContext, phase: str, ensemble: Ensemble, objective: Any, train: Split,
-                config: TrainConfig, model: str) -> None:
+                config: TrainConfig, model: str, method: str | None = None) -> None:
     """Train `ensemble` as `phase` through `ctx.fit_fn` (resuming from its last epoch checkpoint) and save it, with
-    the method state the objective holds, as `model`'s checkpoint."""
+    the method state the objective holds (of `method`, default the base method), as `model`'s checkpoint."""
     ckpt_dir = checkpoint_dir(ctx.out, model)
     resumed_epoch = last_checkpoint_epoch(ckpt_dir)
     ctx.log.drop_metrics_after(phase, resumed_epoch)
@@ -168,7 +174,7 @@ def train_phase(ctx: RunContext, phase: str, ensemble: Ensemble, objective: Any,
     ctx.fit_fn(FitRequest(phase, ensemble, objective, train, config, ckpt_dir, ctx.device,
                           lambda m, _: ctx.log.metrics(m), ctx.progress, log=ctx.log))
     state = objective.state_dict() if isinstance(objective, MethodHooks) else {}
-    ensemble.cpu().save(ctx.out / model_checkpoint(model), MethodState(ctx.spec.base.method, state))
+    ensemble.cpu().save(ctx.out / model_checkpoint(model), MethodState(method or ctx.spec.base.method, state))
 
 
 def pretrain(ctx: RunContext, train: Split) -> dict[str, object]:
@@ -225,6 +231,32 @@ def fine_tune(ctx: RunContext, model: str, train: Split, objective: FineTuning) 
     train_phase(ctx, model, ensemble, objective, train, fine_tune_config(ctx.spec), model)
 
 
+def train_transfer_source(ctx: RunContext, train: Split) -> None:
+    """`eval.transfer_from: standard`: a plain ensemble of the run's shape on base.train's budget, seeded
+    TRANSFER_SEED_OFFSET past the run (its own initialisation and batches), saved as TRANSFER_SOURCE."""
+    method = build_method("plain", {})
+    torch.manual_seed(ctx.spec.seed + TRANSFER_SEED_OFFSET)
+    ensemble = Ensemble(method.configure_model(model_config(ctx.spec)), ctx.spec.ensemble.members, "average")
+    config = train_config(ctx.spec.base.train, ctx.spec, TRANSFER_SEED_OFFSET)
+    train_phase(ctx, TRANSFER_SOURCE, ensemble, method, train, config, TRANSFER_SOURCE, method=method.name)
+
+
+def transfer_source(ctx: RunContext) -> Ensemble | None:
+    """The transfer attack's source ensemble (`eval.transfer_from`), None when no transfer attack runs."""
+    source = ctx.spec.eval.transfer_from
+    if not source:
+        return None
+    if source == STANDARD_TRANSFER_SOURCE:
+        return load_ensemble(ctx.out / TRANSFER_SOURCE_CHECKPOINT)
+    ensemble = load_pretrained(ctx.spec, source)[0]
+    found = ensemble.config
+    mismatch = input_shape_mismatch(found.in_channels, found.height, found.width_px, found.num_classes,
+                                    ctx.spec.dataset.name)
+    if mismatch:
+        raise CheckpointError(f"eval.transfer_from {source} {mismatch}")
+    return ensemble
+
+
 # ------------------------------------------------------------------------------------------- the search
 
 
@@ -276,13 +308,14 @@ def evaluate(ctx: RunContext, models: list[str]) -> dict:
     ctx.log.event("evaluate", "started", "evaluating on the test split")
     images, labels = test_examples(ctx.spec)
     config = EvalConfig.from_spec(ctx.spec.eval, ctx.spec.seed)
+    factory = attack_factory_for(transfer_source(ctx), config)
     evaluations = {}
     for model in models:
         ctx.log.event("evaluate", "model", f"evaluating {model}", model=model)
         evaluations[model] = evaluate_ensemble(load_ensemble(ctx.out / model_checkpoint(model)), images, labels,
                                                config, device=ctx.device, progress=ctx.progress,
                                                desc=f"evaluate {model}", state_dir=ctx.out / EVAL_STATE_DIR,
-                                               events=EvalProgress(ctx.log, model))
+                                               attack_factory=factory, events=EvalProgress(ctx.log, model))
     record = evaluation_record(evaluations, config, len(labels))
     record["diagnostics"] = diagnostics(ctx, [m for m in DIAGNOSED_MODELS if m in models], images, labels)
     write_json_atomic(ctx.out / EVALUATION_FILE, record)
@@ -358,6 +391,8 @@ class Runner:
         for model in fine_tuned_models(self.spec):
             self._phase(model, lambda m=model: fine_tune(ctx, m, train, fine_tune_objective(m, base_method(ctx),
                                                                                           config)))
+        if self.spec.eval.transfer_from == STANDARD_TRANSFER_SOURCE:
+            self._phase(TRANSFER_SOURCE, lambda: train_transfer_source(ctx, train))
         self._phase("evaluate", lambda: evaluate(ctx, trained_models(self.spec)))
         return self._write_results()
 

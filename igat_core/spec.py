@@ -34,7 +34,9 @@ BaseMethodName = Literal["plain", "pgd_at", "adp", "gal", "dverge", "trs", "soe"
 DistributionRule = Literal["soft", "hard", "random", "opposite"]
 RegularizerForm = Literal["paper", "per_member"]
 AttackName = Literal["natural", "pgd", "cw", "mim", "autoattack", "signhunter", "simba", "bandits", "mora",
-                     "logit_pgd"]
+                     "logit_pgd", "transfer"]
+#: `eval.transfer_from: standard`: the run trains the transfer attack's source, a plain ensemble of its own shape.
+STANDARD_TRANSFER_SOURCE = "standard"
 ModelMode = Literal["eval", "train"]
 ControlName = Literal["continued", "global_at"]
 
@@ -246,7 +248,7 @@ class EvalSpec(_Strict):
     attacks: list[AttackName] = Field(default_factory=lambda: ["natural", "pgd"], max_length=len(get_args(AttackName)),
                                       json_schema_extra=_UNIQUE_NON_EMPTY,
                                       description="natural, pgd, cw, mim, autoattack, signhunter, simba, bandits, "
-                                      "mora, logit_pgd; at least one, none repeated")
+                                      "mora, logit_pgd, transfer; at least one, none repeated")
     eps: Perturbation = 8 / 255
     step: Perturbation = Field(2 / 255, description="step of PGD, CW-L-inf and MIM")
     steps: int = Field(20, ge=1, le=10_000, description="iterations of PGD, CW-L-inf and MIM")
@@ -264,6 +266,9 @@ class EvalSpec(_Strict):
     mora_steps: int = Field(100, ge=1, le=10_000, description="iterations of each MORA run (authors' n_iter: 100)")
     mora_restarts: int = Field(5, ge=1, le=100, description="MORA runs, over the authors' mixing weights "
                                "0.5, 0, 0.25, 0.75, 1 (authors: 5)")
+    transfer_from: CheckpointValue = Field(
+        None, description="the transfer attack's source ensemble: 'standard' (the run trains a plain ensemble of "
+        "its own shape, base.train's budget, another seed), a checkpoint path, or (service) experiment:<id>[/<model>]")
     eps_sweep: bool = Field(False, description="also evaluate eps_sweep_attack at every eps of eps_sweep_values")
     eps_sweep_values: list[Perturbation] = Field(default_factory=lambda: [k / 255 for k in (2, 4, 6, 8, 10)],
                                                  min_length=1, max_length=64)
@@ -291,6 +296,11 @@ class EvalSpec(_Strict):
             raise ValueError("combiners must name at least one combiner")
         if len(set(self.attacks)) != len(self.attacks) or len(set(self.combiners)) != len(self.combiners):
             raise ValueError("attacks and combiners must not repeat")
+        transfers = "transfer" in self.attacks or (self.eps_sweep and self.eps_sweep_attack == "transfer")
+        if transfers and not self.transfer_from:
+            raise ValueError("the transfer attack needs its source: set transfer_from ('standard' trains one)")
+        if self.transfer_from and not transfers:
+            raise ValueError("transfer_from is set but no transfer attack runs: add transfer to attacks")
         return self
 
 

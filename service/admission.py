@@ -1,7 +1,7 @@
 """What the service admits beyond the spec's own validation: checkpoints only from allowed places, and ensembles
 within the size limits. Applied when an experiment or a study is submitted; a refusal is a 422 naming the field.
 
-`base.checkpoint` is either
+`base.checkpoint` and `eval.transfer_from` (unless `standard`: the run trains that source) are each either
 - an absolute path that, with symlinks and `..` resolved, lies inside an allowed root: the artifact root, the data
   root, or one of IGAT_CHECKPOINT_ROOTS. Raw paths into other experiments' run directories are allowed (they are
   inside the artifact root, where the study planner also points dependents at their base's checkpoint); or
@@ -21,12 +21,14 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from igat_core.rundir import model_checkpoint, run_dir_of
-from igat_core.spec import CheckpointReference, ExperimentSpec, checkpoint_reference, size_problems
-from igat_core.study_spec import MAX_PROBLEMS, PlannedExperiment, StudySpec, with_base_checkpoint
+from igat_core.spec import (STANDARD_TRANSFER_SOURCE, CheckpointReference, ExperimentSpec, checkpoint_reference,
+                            size_problems)
+from igat_core.study_spec import MAX_PROBLEMS, PlannedExperiment, StudySpec
 from service import store
 from service.settings import Settings
 
 CHECKPOINT_FIELD = "base.checkpoint"
+TRANSFER_FIELD = "eval.transfer_from"
 OUTSIDE_ROOTS = ("is not inside an allowed checkpoint root (the artifact root, the data root, IGAT_CHECKPOINT_ROOTS); "
                  "name another experiment's ensemble as experiment:<id>[/<model>]")
 
@@ -80,20 +82,32 @@ def resolve_checkpoint(value: str, settings: Settings, session: Session) -> str:
     return str(resolved)
 
 
-def _admitted_checkpoint(spec: ExperimentSpec, settings: Settings, session: Session) -> ExperimentSpec:
-    if not spec.base.checkpoint:
-        return spec
-    resolved = resolve_checkpoint(spec.base.checkpoint, settings, session)
-    return spec if resolved == spec.base.checkpoint else with_base_checkpoint(spec, resolved)
+def checkpoint_fields(spec: ExperimentSpec) -> dict[str, str]:
+    """The checkpoints `spec` loads, by field: the base's, and the transfer attack's source unless the run trains
+    it (`standard`)."""
+    found = {CHECKPOINT_FIELD: spec.base.checkpoint, TRANSFER_FIELD: spec.eval.transfer_from}
+    return {f: v for f, v in found.items() if v and not (f == TRANSFER_FIELD and v == STANDARD_TRANSFER_SOURCE)}
+
+
+def _admitted_checkpoints(spec: ExperimentSpec, settings: Settings, session: Session,
+                          problems: list[tuple[str, str]]) -> ExperimentSpec:
+    """`spec` with every checkpoint resolved; each refused one appended to `problems` under its field."""
+    data = spec.model_dump(mode="json")
+    for path, value in checkpoint_fields(spec).items():
+        try:
+            resolved = resolve_checkpoint(value, settings, session)
+        except ValueError as exc:
+            problems.append((path, str(exc)))
+            continue
+        section, name = path.split(".")
+        data[section][name] = resolved
+    return ExperimentSpec.model_validate(data)
 
 
 def admit_experiment(spec: ExperimentSpec, settings: Settings, session: Session) -> ExperimentSpec:
-    """`spec` as it will run (its checkpoint resolved), or Refused naming each problem's field."""
+    """`spec` as it will run (its checkpoints resolved), or Refused naming each problem's field."""
     problems = size_problems(spec, settings.size_limits)
-    try:
-        spec = _admitted_checkpoint(spec, settings, session)
-    except ValueError as exc:
-        problems.append((CHECKPOINT_FIELD, str(exc)))
+    spec = _admitted_checkpoints(spec, settings, session, problems)
     if problems:
         raise Refused(problems)
     return spec
@@ -102,8 +116,9 @@ def admit_experiment(spec: ExperimentSpec, settings: Settings, session: Session)
 def _from_study_experiment(base: ExperimentSpec, planned: PlannedExperiment, problem: tuple[str, str],
                            base_sizes: set[tuple[str, str]]) -> bool:
     """Whether the study's own `experiment` already has `problem` (rather than a variant, grid value or arm)."""
-    if problem[0] == CHECKPOINT_FIELD:
-        return bool(base.base.checkpoint) and planned.spec.base.checkpoint == base.base.checkpoint
+    if problem[0] in (CHECKPOINT_FIELD, TRANSFER_FIELD):
+        own = checkpoint_fields(base).get(problem[0])
+        return own is not None and checkpoint_fields(planned.spec).get(problem[0]) == own
     return problem in base_sizes
 
 

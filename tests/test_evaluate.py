@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igat_core.attacks import FGSM, MORA, PGD, Attack, LogitPGD, OutputBounds
+from igat_core.attacks import FGSM, MORA, PGD, Attack, LogitPGD, OutputBounds, Transfer, TransferSource
 from igat_core.defenses import Plain
 from igat_core.ensemble import Ensemble
 from igat_core.evaluate import (ATTACK_ORDER, ENSEMBLE_AWARE, AttackFactory, EnsembleEvaluation, EvalConfig,
-                                SanityEvidence, correct_mask, evaluate_ensemble, evaluation_record, learned_threshold,
-                                make_attack, relative_improvement, sanity_checks)
+                                SanityEvidence, attack_factory_for, correct_mask, evaluate_ensemble, evaluation_record,
+                                learned_threshold, make_attack, relative_improvement, sanity_checks)
 from igat_core.spec import EvalSpec
 from igat_core.train import TrainConfig, fit
 from tests.conftest import digits_config
@@ -41,7 +41,8 @@ def examples(digits_test):
 def full(trained_ensemble, examples, tmp_path_factory):
     config = EvalConfig(attacks=ATTACK_ORDER, eps_sweep=(0.2, 0.03, 0.1), eps_sweep_attack="pgd", **SMALL)
     return evaluate_ensemble(trained_ensemble, *examples, config, progress=False,
-                             state_dir=tmp_path_factory.mktemp("state"))
+                             state_dir=tmp_path_factory.mktemp("state"),
+                             attack_factory=attack_factory_for(copy.deepcopy(trained_ensemble), config))
 
 
 def test_every_attack_under_both_combiners_with_union_and_cost(full):
@@ -324,6 +325,19 @@ class OvershootingLogitPGD(LogitPGD):
     surrogate_attack = OvershootingSurrogatePGD
 
 
+class ShiftedTransfer(Transfer):
+    """Transfer whose examples are moved by eps / 2 past the source's, out of the eps-ball."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        adv = super().forward(images, labels)
+        return adv + torch.where(adv > images, 0.5, -0.5) * self.eps
+
+
+def transfer_from_a_copy(cls: type[Transfer]) -> Build:
+    return lambda model, eps, config, generator: cls(model, eps, TransferSource(copy.deepcopy(model), config.step,
+                                                                                 config.steps))
+
+
 Build = Callable[[nn.Module, float, EvalConfig, torch.Generator], Attack]
 
 
@@ -376,6 +390,8 @@ CASES = {
         m, eps, 5, 2, generator=g), lambda m, eps, c, g: MORA(m, eps, 5, 2, generator=g)),
     "logit_pgd_steps_outside_eps": Case("perturbation_within_eps", lambda m, eps, c, g: OvershootingLogitPGD(
         m, eps, c.step, c.steps, generator=g), lambda m, eps, c, g: LogitPGD(m, eps, c.step, c.steps, generator=g)),
+    "transfer_steps_outside_eps": Case("perturbation_within_eps", transfer_from_a_copy(ShiftedTransfer),
+                                       transfer_from_a_copy(Transfer)),
     "weaker_at_larger_eps": Case("monotone_in_eps_average", pgd_like(ShrinkingPGD),
                                  settings={"eps_sweep": (0.03, 0.1, 0.2), "eps_sweep_attack": "pgd"}),
 }

@@ -122,6 +122,28 @@ def test_a_study_with_a_checkpoint_outside_the_roots_is_refused(client, roots):
     assert client.get("/studies").json()["total"] == 0 and queued(client) == 0
 
 
+def with_transfer_source(source: str, name: str = "transfer") -> dict:
+    spec = fake_spec(name)
+    spec["eval"] = {"attacks": ["natural", "transfer"], "transfer_from": source}
+    return spec
+
+
+def test_a_transfer_source_is_admitted_like_a_base_checkpoint(client, roots, sessions, settings):
+    for given in (str(roots["outside"] / "ensemble.pt"), "/etc/passwd"):
+        assert problems(post(client, with_transfer_source(given))) == [("eval.transfer_from", admission.OUTSIDE_ROOTS)]
+    both = with_transfer_source(str(roots["outside"] / "ensemble.pt"))
+    both["base"]["checkpoint"] = "relative.pt"
+    assert [field for field, _ in problems(post(client, both))] == ["base.checkpoint", "eval.transfer_from"]
+    assert queued(client) == 0
+    base_id = succeeded_with_checkpoints(sessions, settings)
+    run_dir = run_dir_of(Path(settings.artifact_root).resolve(), base_id)
+    for given, stored in (("standard", "standard"), (f"experiment:{base_id}", str(run_dir / model_checkpoint("base"))),
+                          (str(roots["data"] / ".." / "extra" / "ensemble.pt"), str(roots["extra"] / "ensemble.pt"))):
+        r = post(client, with_transfer_source(given))
+        assert r.status_code == 202, r.text
+        assert r.json()["spec"]["eval"]["transfer_from"] == stored
+
+
 # ---------------------------------------------------------------------------------------------- allowed
 
 

@@ -12,10 +12,11 @@ from igat_core.attacks.mora import MORA
 from igat_core.attacks.pgd import FGSM, PGD
 from igat_core.attacks.signhunter import SignHunter
 from igat_core.attacks.simba import SimBA
+from igat_core.attacks.transfer import Transfer, TransferSource
 
 ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (PGD, FGSM, CWLinf, MIM, AutoAttack, SignHunter, SimBA, Bandits,
-                                                    MORA, LogitPGD)}
+                                                    MORA, LogitPGD, Transfer)}
 
 __all__ = ["ATTACKS", "AUTOATTACK_COMPONENTS", "EPS_TOLERANCE", "MORA", "Attack", "AttackSettings", "AutoAttack",
            "Bandits", "BlackBoxAttack", "CWLinf", "FGSM", "LogitPGD", "MIM", "OutputBounds", "PGD", "SignHunter",
-           "SimBA", "cross_entropy", "margin_loss", "project_linf"]
+           "SimBA", "Transfer", "TransferSource", "cross_entropy", "margin_loss", "project_linf"]

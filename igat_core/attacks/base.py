@@ -131,7 +131,8 @@ class AttackSettings(Protocol):
 class Attack(ABC):
     name: str = "attack"
     white_box: bool = True
-    #: Whether the attack reads the members themselves, not only the combined output (MORA, the logit surrogates).
+    #: Whether the attack is one of the ensemble-aware evaluations the paper's lacks: MORA and the logit surrogates
+    #: read the members themselves, the transfer attack uses an independent source ensemble.
     ensemble_aware: bool = False
     _step: StepCallback | None = None
 

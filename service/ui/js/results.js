@@ -9,7 +9,8 @@ import { h, number, seconds } from "./dom.js";
 export const MODELS = { base: "base", baseline: "baseline", continued: "continued", global_at: "global_at", igat: "iGAT",
   model: "model" };
 export const ATTACKS = { natural: "Natural", pgd: "PGD", cw: "CW", signhunter: "SH", autoattack: "AA", mim: "MIM",
-  simba: "SimBA", bandits: "Bandits", union: "Union" };
+  simba: "SimBA", bandits: "Bandits", mora: "MORA", logit_pgd: "Logit-PGD", transfer: "Transfer",
+  union_standard: "Union w/o ens.-aware", union: "Union" };
 const COMBINERS = ["average", "max"];
 const DIAGNOSTICS = [
   ["p: members correct on global adversarial examples (Table 4)", "p", true],
