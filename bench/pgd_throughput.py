@@ -27,7 +27,7 @@ SECTION_START = "<!-- bench/pgd_throughput.py: start -->"
 SECTION_END = "<!-- bench/pgd_throughput.py: end -->"
 
 
-def build(arch: str, members: int, dataset: str, device: torch.device):
+def build(arch: str, members: int, dataset: str, device: torch.device, seed: int = 0):
     from igat_core.data import dataset_info
     from igat_core.ensemble import Ensemble
     from igat_core.models import ModelConfig
@@ -35,7 +35,7 @@ def build(arch: str, members: int, dataset: str, device: torch.device):
     info = dataset_info(dataset)
     config = ModelConfig(arch, info.num_classes, info.channels, info.height, info.width, info.mean, info.std,
                          width=16 if arch == "small_cnn" else 32, dataset=dataset)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return Ensemble(config, members).to(device).eval(), info
 
 
@@ -101,19 +101,33 @@ def render(result: dict, command: str) -> str:
     ])
 
 
-def write_section(path: Path, block: str) -> None:
-    """(Re)write this script's section of `path`: its block for the same command is replaced, others are kept."""
+def write_marked_section(path: Path, block: str, start: str, end: str, intro: str) -> None:
+    """(Re)write the section of `path` between the markers `start` and `end`: `intro`, then one block per command
+    (its first line), the block for the same command replaced, the others kept."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        inside, after = rest.split(SECTION_END, 1)
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        inside, after = rest.split(end, 1)
         blocks = inside.strip("\n").split(RUN_SEPARATOR)[1:]
     else:
         before, after, blocks = text.rstrip("\n") + "\n\n", "\n", []
     command = block.splitlines()[0]
     blocks = [b for b in blocks if b.splitlines()[0] != command] + [block]
-    section = RUN_SEPARATOR.join([INTRO, *blocks])
-    path.write_text(f"{before}{SECTION_START}\n{section}\n{SECTION_END}{after}")
+    section = RUN_SEPARATOR.join([intro, *blocks])
+    path.write_text(f"{before}{start}\n{section}\n{end}{after}")
+
+
+def write_section(path: Path, block: str) -> None:
+    """(Re)write this script's section of `path`: its block for the same command is replaced, others are kept."""
+    write_marked_section(path, block, SECTION_START, SECTION_END, INTRO)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran `module` with `argv` (the process's own when None), less `--write PATH`."""
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--write" in given:
+        del given[given.index("--write"):given.index("--write") + 2]
+    return shlex.join([".venv/bin/python", "-m", module, *given])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,10 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args)
-    given = list(argv if argv is not None else sys.argv[1:])
-    if "--write" in given:
-        del given[given.index("--write"):given.index("--write") + 2]
-    section = render(result, shlex.join([".venv/bin/python", "-m", "bench.pgd_throughput", *given]))
+    section = render(result, command_line("bench.pgd_throughput", argv))
     print(section)
     if args.write is not None:
         write_section(args.write, section)

@@ -10,9 +10,13 @@ from pathlib import Path
 from igat_core.figures import pyplot, save_figure
 from igat_core.report import ATTACK_TITLES, MODEL_TITLES
 from igat_core.rundir import PLOTS_DIR, REPORT_FILE, write_text_atomic
+from igat_core.study_results import UNION_ORDER
 
 TABLE1_PLOT = f"{PLOTS_DIR}/study_table1.png"
 TABLE3_PLOT = f"{PLOTS_DIR}/study_table3.png"
+UNION_NOTE = f"{ATTACK_TITLES['union']}: correct under natural and every attack that ran, the worst case over them."
+UNION_STANDARD_NOTE = (f"{ATTACK_TITLES['union']} counts the ensemble-aware attacks too; "
+                       f"{ATTACK_TITLES['union_standard']}: the same without them, from the runs in which one ran.")
 
 
 def _number(value: float | None, signed: bool = False) -> str:
@@ -64,6 +68,14 @@ def pivot(rows: Sequence[dict], keys: Sequence[str], cell) -> str:
     return "\n".join(out)
 
 
+def union_note(rows: Sequence[dict]) -> list[str]:
+    """What the union columns hold, when the rows have one."""
+    found = {r["attack"] for r in rows} & set(UNION_ORDER)
+    if not found:
+        return []
+    return [" ".join([UNION_NOTE, *([UNION_STANDARD_NOTE] if "union_standard" in found else [])]), ""]
+
+
 def runs_section(record: dict) -> list[str]:
     counts = record["counts"]
     lines = [f"{counts['planned']} runs planned: {counts['succeeded']} succeeded, {counts['failed']} failed, "
@@ -80,12 +92,14 @@ def runs_section(record: dict) -> list[str]:
 def table1_section(rows: list[dict]) -> list[str]:
     shown = [{**r, "model": MODEL_TITLES.get(r["model"], r["model"])} for r in rows]
     return ["## Table 1: accuracy (%) over seeds, mean ± sample std (n)", "",
-            pivot(shown, ("setting", "method", "model"), summary_cell), "", f"![Table 1]({TABLE1_PLOT})", ""]
+            pivot(shown, ("setting", "method", "model"), summary_cell), "", *union_note(rows),
+            f"![Table 1]({TABLE1_PLOT})", ""]
 
 
 def table2_section(table: dict) -> list[str]:
     lines = ["## Table 2: relative improvement by iGAT over the base, % (mean ± std over seeds)", "",
-             pivot(table["relative_improvement"], ("setting", "method"), lambda r: summary_cell(r, True)), ""]
+             pivot(table["relative_improvement"], ("setting", "method"), lambda r: summary_cell(r, True)), "",
+             *union_note(table["relative_improvement"])]
     if table["paired"]:
         lines += ["### Paired differences in accuracy points, mean [95 % t interval] over seeds", "",
                   pivot(table["paired"], ("setting", "method", "comparison"), difference_cell), ""]

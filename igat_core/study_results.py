@@ -2,7 +2,9 @@
 outcome (its results.json, or its status and error). Torch-free, so the service builds it too.
 
 - Table 1: per setting (variant and grid point without the seed) of the reference arm, model, combiner and attack:
-  mean, sample std and n of the accuracy over seeds.
+  mean, sample std and n of the accuracy over seeds. Its last attacks per combiner are the runs' unions:
+  `union_standard` (correct under natural and every attack but the ensemble-aware ones; only runs in which an
+  ensemble-aware attack ran have it) and `union` (correct under natural and every attack that ran: the worst case).
 - Table 2: per setting, combiner and attack: iGAT's relative improvement over the base ((igat - base) / base x 100,
   mean and std over seeds), and the paired differences igat - base and igat - each control with their 95 % t
   interval, paired by grid point (the base and the controls of a grid point may come from any of its arms).
@@ -29,7 +31,8 @@ PENDING = "pending"
 UNFINISHED_STATUSES = frozenset({PENDING, "queued", "running", "cancelling"})
 MODEL_ORDER = ("base", "continued", "global_at", "igat")
 COMBINER_ORDER: tuple[str, ...] = get_args(Combiner)
-ATTACK_ORDER: tuple[str, ...] = (*get_args(AttackName), "union")
+UNION_ORDER = ("union_standard", "union")
+ATTACK_ORDER: tuple[str, ...] = (*get_args(AttackName), *UNION_ORDER)
 TABLE3_ATTACKS = ("natural", "pgd")
 TARGET_MODEL = "igat"
 

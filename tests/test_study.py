@@ -236,6 +236,58 @@ def test_tables_average_the_succeeded_runs_and_count_the_failed_one():
     assert "52.00 ± 2.83 (n=2; 1 failed)" in report
 
 
+#: Per seed, accuracy[model] under the average combiner; seed 2 is an older run: no ensemble-aware attack, no
+#: union_standard.
+UNION_SEEDS = [
+    {"base": {"natural": 90.0, "pgd": 40.0, "mora": 30.0, "union_standard": 38.0, "union": 28.0},
+     "igat": {"natural": 91.0, "pgd": 50.0, "mora": 36.0, "union_standard": 48.0, "union": 35.0}},
+    {"base": {"natural": 92.0, "pgd": 42.0, "mora": 34.0, "union_standard": 41.0, "union": 32.0},
+     "igat": {"natural": 92.0, "pgd": 54.0, "mora": 40.0, "union_standard": 52.0, "union": 39.0}},
+    {"base": {"natural": 91.0, "pgd": 41.0, "union": 41.0}, "igat": {"natural": 93.0, "pgd": 45.0, "union": 44.0}},
+]
+
+
+def union_record(dropped: frozenset[str] = frozenset()) -> dict:
+    """The study of UNION_SEEDS (global_at not run), the `dropped` attacks taken out of every run."""
+    spec = parse_study(study(grid={"seed": [0, 1, 2]}, tables=["table1", "table2"]))
+    outcomes = {f"abl-seed{seed}-igat": RunOutcome.of_results({"evaluation": {"eps": 0.1, "n_examples": 16, **{
+        m: {"average": {a: v for a, v in acc.items() if a not in dropped}} for m, acc in by_model.items()}}})
+        for seed, by_model in enumerate(UNION_SEEDS)}
+    return study_record(spec, plan_study(spec), outcomes)
+
+
+def test_the_worst_case_union_and_the_union_without_ensemble_aware_attacks_over_seeds():
+    record = union_record()
+    union = one(record["table1"], model="igat", attack="union")
+    # 35, 39, 44: mean 118/3; squares 1225 + 1521 + 1936 = 4682, minus 118^2 / 3: 122/3; / (n - 1) = 2: 61/3
+    assert (union["mean"], union["std"], union["n"]) == (pytest.approx(118 / 3), pytest.approx(math.sqrt(61 / 3)), 3)
+    standard = one(record["table1"], model="igat", attack="union_standard")
+    # seeds 0, 1 only: 48, 52: mean 50, sd sqrt(8); the older seed 2 is named, not filled in
+    assert (standard["mean"], standard["std"], standard["n"]) == (50.0, pytest.approx(math.sqrt(8)), 2)
+    assert standard["missing_runs"] == ["abl-seed2-igat"] and union["missing_runs"] == []
+    rel = one(record["table2"]["relative_improvement"], attack="union")
+    # (35 - 28) / 28 = 25 %, (39 - 32) / 32 = 21.875 %, (44 - 41) / 41 = 300/41 %
+    assert rel["mean"] == pytest.approx((25 + 21.875 + 300 / 41) / 3) and rel["n"] == 3
+    paired = one(record["table2"]["paired"], comparison="igat - base", attack="union_standard")
+    # differences 48 - 38 = 10 and 52 - 41 = 11
+    assert (paired["mean"], paired["n"], paired["missing_runs"]) == (10.5, 2, ["abl-seed2-igat"])
+    report = render_study_report(record)
+    header = next(line for line in report.splitlines() if line.startswith("| method | model"))
+    assert header.endswith("| average PGD | average MORA | average Union w/o ens.-aware | average Union |")
+    assert "| iGAT | 92.00 ± 1.00 (n=3) | 49.67 ± 4.51 (n=3) | 38.00 ± 2.83 (n=2; 1 missing) | " \
+           "50.00 ± 2.83 (n=2; 1 missing) | 39.33 ± 4.51 (n=3) |" in report
+    assert "Union counts the ensemble-aware attacks too" in report
+
+
+def test_a_study_without_union_standard_shows_the_union_it_has_and_no_empty_column():
+    record = union_record(frozenset({"mora", "union_standard"}))
+    assert {r["attack"] for r in record["table1"]} == {"natural", "pgd", "union"}
+    report = render_study_report(record)
+    assert "w/o ens.-aware" not in report and "ensemble-aware attacks too" not in report
+    assert "| iGAT | 92.00 ± 1.00 (n=3) | 49.67 ± 4.51 (n=3) | 39.33 ± 4.51 (n=3) |" in report
+    assert "Union: correct under natural and every attack that ran, the worst case over them." in report
+
+
 def test_runs_not_yet_finished_are_pending_not_failed():
     spec = parse_study(study())
     record = study_record(spec, plan_study(spec), {"abl-seed0-igat": synthetic_outcomes()["abl-seed0-igat"]})
