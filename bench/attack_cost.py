@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.pgd_throughput import build, command_line, timed, write_marked_section
-from igat_core.attacks import MORA, PGD, Attack, LogitPGD
+from igat_core.attacks import MORA, PGD, Attack, LogitPGD, Transfer, TransferSource
 from igat_core.data import load_dataset
 from igat_core.ensemble import Ensemble
 
@@ -55,6 +55,20 @@ class Target:
         return trained_ensemble(self.args, INDEPENDENT_SEED)
 
 
+class FirstScoredTransfer(Transfer):
+    """The transfer attack with an empty source memory at each call: what the first model scored pays (making the
+    examples on the source); every further model is scored on the remembered examples."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.source = TransferSource(self.source.model, self.source.step, self.source.steps, self.source.mim_decay)
+        return super().forward(images, labels)
+
+
+def transfer(cls: type[Transfer]) -> Callable[[Target, torch.Generator], Attack]:
+    return lambda t, g: cls(t.model, t.eps, TransferSource(t.independent.with_combiner("average").eval(), t.eps / 4,
+                                                           20))
+
+
 #: (row label, the attack on a Target with its own generator). The first is the reference every ratio divides by;
 #: one line adds a case.
 CASES: list[tuple[str, Callable[[Target, torch.Generator], Attack]]] = [
@@ -64,6 +78,8 @@ CASES: list[tuple[str, Callable[[Target, torch.Generator], Attack]]] = [
     ("mora, cheap (20 steps x 1 restart)", lambda t, g: MORA(t.model, t.eps, 20, 1, generator=g)),
     ("logit_pgd (PGD-20 on the mean logits, then on each member)",
      lambda t, g: LogitPGD(t.model, t.eps, t.eps / 4, 20, generator=g)),
+    ("transfer, first model scored (PGD-20 and MIM-20 made on an independent ensemble)", transfer(FirstScoredTransfer)),
+    ("transfer, every further model (the remembered examples scored)", transfer(Transfer)),
 ]
 
 

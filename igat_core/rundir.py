@@ -55,8 +55,12 @@ def checkpoint_dir(run_dir: Path, name: str) -> Path:
     return run_dir / CHECKPOINTS_DIR / name
 
 
+#: The model name of the transfer attack's source that a run trains (`eval.transfer_from: standard`).
+TRANSFER_SOURCE = "transfer_source"
+
+
 def model_checkpoint(model: str) -> str:
-    """The saved ensemble of `model` (base, igat or a control), relative to the run directory."""
+    """The saved ensemble of `model` (base, igat, a control or TRANSFER_SOURCE), relative to the run directory."""
     return f"{CHECKPOINTS_DIR}/{model}/{ENSEMBLE_FILE}"
 
 

@@ -33,7 +33,8 @@ from igat_core.progress import EvalProgress, Heartbeat, heartbeat
 from igat_core.report import write_report
 from igat_core.results import results_record
 from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, REPORT_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
-                              TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, read_json, write_json_atomic)
+                              TRANSFER_SOURCE, TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, read_json,
+                              write_json_atomic)
 from igat_core.runtime import torch_threads
 from igat_core.spec import (STANDARD_TRANSFER_SOURCE, AttackSpec, ExperimentSpec, OptimSpec, checkpoint_reference,
                             dump_spec, load_spec)
@@ -44,7 +45,6 @@ Listener = Callable[[dict], None]
 BASE_CHECKPOINT = model_checkpoint("base")
 IGAT_CHECKPOINT = model_checkpoint("igat")
 DIAGNOSED_MODELS = ("base", "igat")
-TRANSFER_SOURCE = "transfer_source"
 TRANSFER_SOURCE_CHECKPOINT = model_checkpoint(TRANSFER_SOURCE)
 TRANSFER_SEED_OFFSET = 1000
 

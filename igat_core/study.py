@@ -2,8 +2,9 @@
 directory under DIR/runs/ (igat_core.rundir.study_run_dir), then the study's results.json and report.md in DIR.
 
 An experiment with `base_of` loads the base ensemble its base experiment pretrained (`base.checkpoint`), method
-state included. A rerun resumes: study.json must hold the same plan, each Runner skips its finished phases, and
-runs that failed are tried again. A run that raises is recorded as failed and the study goes on.
+state included, and the standard transfer source it trained (`eval.transfer_from`) when it shares it. A rerun
+resumes: study.json must hold the same plan, each Runner skips its finished phases, and runs that failed are tried
+again. A run that raises is recorded as failed and the study goes on.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from igat_core.rundir import (RESULTS_FILE, STUDY_FILE, RunLog, model_checkpoint, read_json, study_run_dir,
-                              write_json_atomic)
+from igat_core.rundir import RESULTS_FILE, STUDY_FILE, RunLog, read_json, study_run_dir, write_json_atomic
 from igat_core.study_report import write_study_report
 from igat_core.study_results import RunOutcome, study_record
-from igat_core.study_spec import PlannedExperiment, StudySpec, plan_record, plan_study, with_base_checkpoint
+from igat_core.study_spec import (PlannedExperiment, StudySpec, plan_record, plan_study, shared_checkpoints,
+                                  with_checkpoints)
 
 
 def check_same_plan(study: StudySpec, plan: list[PlannedExperiment], out: Path) -> None:
@@ -31,9 +32,7 @@ def check_same_plan(study: StudySpec, plan: list[PlannedExperiment], out: Path) 
         write_json_atomic(out / STUDY_FILE, record)
 
 
-def base_checkpoint(out: Path, planned: PlannedExperiment) -> Path:
-    """The pretrained base ensemble of the experiment `planned` loads its base from."""
-    return study_run_dir(out, planned.base_of) / model_checkpoint("base")
+SHARED_TITLES = {"base.checkpoint": "pretrained base", "eval.transfer_from": "transfer source"}
 
 
 def run_planned(planned: PlannedExperiment, out: Path, *, progress: bool) -> RunOutcome:
@@ -41,12 +40,11 @@ def run_planned(planned: PlannedExperiment, out: Path, *, progress: bool) -> Run
     from igat_core.runner import run_experiment
 
     run_dir = study_run_dir(out, planned.name)
-    spec = planned.spec
-    if planned.base_of:
-        checkpoint = base_checkpoint(out, planned)
-        if not checkpoint.is_file():
-            return RunOutcome.failure(f"its base experiment {planned.base_of} left no pretrained base {checkpoint}")
-        spec = with_base_checkpoint(spec, str(checkpoint.resolve()))
+    shared = shared_checkpoints(planned, study_run_dir(out, planned.base_of)) if planned.base_of else {}
+    missing = [f"{SHARED_TITLES[field]} {path}" for field, path in shared.items() if not path.is_file()]
+    if missing:
+        return RunOutcome.failure(f"its base experiment {planned.base_of} left no {', '.join(missing)}")
+    spec = with_checkpoints(planned.spec, {field: path.resolve() for field, path in shared.items()})
     try:
         return RunOutcome.of_results(run_experiment(spec, run_dir, progress=progress))
     except Exception as exc:  # noqa: BLE001 - one run's failure is recorded and the study goes on

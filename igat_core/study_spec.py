@@ -26,7 +26,8 @@ from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from igat_core.spec import ExperimentSpec, SpecError, validation_problems
+from igat_core.rundir import TRANSFER_SOURCE, model_checkpoint
+from igat_core.spec import STANDARD_TRANSFER_SOURCE, ExperimentSpec, SpecError, validation_problems
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TableName = Literal["table1", "table2", "table3"]
@@ -358,7 +359,8 @@ def load_study(path: str | Path) -> StudySpec:
 @dataclass(frozen=True)
 class PlannedExperiment:
     """One experiment of a study: its stable name, its spec, its arm, variant and grid point, and `base_of`, the
-    experiment whose pretrained base it loads (None: it trains its own)."""
+    experiment whose pretrained base it loads (None: it trains its own); `shares_transfer_source`: it also loads
+    the transfer attack's standard source that `base_of` trains (both say `eval.transfer_from: standard`)."""
 
     name: str
     spec: ExperimentSpec
@@ -366,6 +368,7 @@ class PlannedExperiment:
     variant: str | None = None
     point: Mapping[str, Any] = field(default_factory=dict)
     base_of: str | None = None
+    shares_transfer_source: bool = False
 
     @property
     def pairing(self) -> str:
@@ -390,16 +393,23 @@ def shared_base_key(spec: ExperimentSpec) -> str:
 
 def plan_study(study: StudySpec) -> list[PlannedExperiment]:
     """The study's experiments in a deterministic order; the first of each shared-base group trains the base and
-    the others name it in `base_of` (none when the spec already loads a `base.checkpoint`)."""
+    the others name it in `base_of` (none when the spec already loads a `base.checkpoint`), and share its standard
+    transfer source when both train one (it depends on the same data, ensemble, base.train and seed)."""
     planned: list[PlannedExperiment] = []
-    trainers: dict[str, str] = {}
+    trainers: dict[str, PlannedExperiment] = {}
     for cell in cells(study):
         spec = ExperimentSpec.model_validate(experiment_data(study, cell))
         key = shared_base_key(spec)
-        base_of = None if spec.base.checkpoint else trainers.get(key)
-        planned.append(PlannedExperiment(cell.name, spec, cell.arm, cell.variant, cell.point, base_of))
-        trainers.setdefault(key, cell.name)
+        trainer = None if spec.base.checkpoint else trainers.get(key)
+        shares = trainer is not None and _trains_transfer_source(spec) and _trains_transfer_source(trainer.spec)
+        planned.append(PlannedExperiment(cell.name, spec, cell.arm, cell.variant, cell.point,
+                                         trainer.name if trainer else None, shares))
+        trainers.setdefault(key, planned[-1])
     return planned
+
+
+def _trains_transfer_source(spec: ExperimentSpec) -> bool:
+    return spec.eval.transfer_from == STANDARD_TRANSFER_SOURCE
 
 
 def plan_record(study: StudySpec, plan: list[PlannedExperiment]) -> dict:
@@ -408,9 +418,21 @@ def plan_record(study: StudySpec, plan: list[PlannedExperiment]) -> dict:
             "experiments": [p.record() for p in plan]}
 
 
-def with_base_checkpoint(spec: ExperimentSpec, checkpoint: str) -> ExperimentSpec:
-    """`spec` loading its pretrained base from `checkpoint` (the base experiment's base ensemble, which carries
-    the method's state, e.g. CLDL's label-confusion model)."""
+def shared_checkpoints(planned: PlannedExperiment, base_run_dir: Path) -> dict[str, Path]:
+    """What `planned` loads from its base experiment's run directory, by spec field: the pretrained base ensemble
+    (which carries the method's state, e.g. CLDL's label-confusion model) and the shared transfer source."""
+    if planned.base_of is None:
+        return {}
+    found = {"base.checkpoint": base_run_dir / model_checkpoint("base")}
+    if planned.shares_transfer_source:
+        found["eval.transfer_from"] = base_run_dir / model_checkpoint(TRANSFER_SOURCE)
+    return found
+
+
+def with_checkpoints(spec: ExperimentSpec, checkpoints: Mapping[str, Path | str]) -> ExperimentSpec:
+    """`spec` with each `section.field` of `checkpoints` set to its path."""
     data = spec.model_dump(mode="json")
-    data["base"]["checkpoint"] = checkpoint
+    for path, checkpoint in checkpoints.items():
+        section, name = path.split(".")
+        data[section][name] = str(checkpoint)
     return ExperimentSpec.model_validate(data)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from igat_core.rundir import model_checkpoint, run_dir_of
 from igat_core.spec import (STANDARD_TRANSFER_SOURCE, CheckpointReference, ExperimentSpec, checkpoint_reference,
                             size_problems)
-from igat_core.study_spec import MAX_PROBLEMS, PlannedExperiment, StudySpec
+from igat_core.study_spec import MAX_PROBLEMS, PlannedExperiment, StudySpec, with_checkpoints
 from service import store
 from service.settings import Settings
 
@@ -92,16 +92,13 @@ def checkpoint_fields(spec: ExperimentSpec) -> dict[str, str]:
 def _admitted_checkpoints(spec: ExperimentSpec, settings: Settings, session: Session,
                           problems: list[tuple[str, str]]) -> ExperimentSpec:
     """`spec` with every checkpoint resolved; each refused one appended to `problems` under its field."""
-    data = spec.model_dump(mode="json")
+    resolved = {}
     for path, value in checkpoint_fields(spec).items():
         try:
-            resolved = resolve_checkpoint(value, settings, session)
+            resolved[path] = resolve_checkpoint(value, settings, session)
         except ValueError as exc:
             problems.append((path, str(exc)))
-            continue
-        section, name = path.split(".")
-        data[section][name] = resolved
-    return ExperimentSpec.model_validate(data)
+    return with_checkpoints(spec, resolved)
 
 
 def admit_experiment(spec: ExperimentSpec, settings: Settings, session: Session) -> ExperimentSpec:

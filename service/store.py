@@ -34,9 +34,9 @@ from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from igat_core.rundir import artifact_files, model_checkpoint, run_dir_of
+from igat_core.rundir import artifact_files, run_dir_of
 from igat_core.spec import ResourcesSpec
-from igat_core.study_spec import PlannedExperiment, with_base_checkpoint
+from igat_core.study_spec import PlannedExperiment, shared_checkpoints, with_checkpoints
 from service.models import (
     ACTIVE,
     CANCELLED,
@@ -328,8 +328,7 @@ def _study_experiments(study: Study, plan: Sequence[PlannedExperiment], artifact
     for position, planned in enumerate(plan):
         spec, depends_on = planned.spec, ids[planned.base_of] if planned.base_of else None
         if depends_on is not None:
-            checkpoint = run_dir_of(artifact_root, depends_on) / model_checkpoint("base")
-            spec = with_base_checkpoint(spec, str(checkpoint))
+            spec = with_checkpoints(spec, shared_checkpoints(planned, run_dir_of(artifact_root, depends_on)))
         experiments.append(_queued(name=planned.name, spec=spec.model_dump(mode="json"), priority=study.priority,
                                    now=now, id=ids[planned.name], study_id=study.id, study_position=position,
                                    depends_on=depends_on))

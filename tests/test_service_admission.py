@@ -200,6 +200,19 @@ def test_study_dependents_point_inside_the_artifact_root(client, settings):
         model_checkpoint("base"))
 
 
+def test_study_dependents_share_the_standard_transfer_source_of_their_base_experiment(client, settings):
+    study = {"name": "abl", "experiment": with_transfer_source("standard"),
+             "arms": {"igat": {}, "hard": {"igat.rule": "hard"}}}
+    r = post(client, study, "/studies")
+    assert r.status_code == 202, r.text
+    specs = {run["id"]: client.get(f"/experiments/{run['id']}").json()["spec"] for run in r.json()["experiments"]}
+    trainer, dependent = (next(run for run in r.json()["experiments"] if bool(run["depends_on"]) is d)
+                          for d in (False, True))
+    assert specs[trainer["id"]]["eval"]["transfer_from"] == "standard"
+    assert specs[dependent["id"]]["eval"]["transfer_from"] == str(
+        run_dir_of(Path(settings.artifact_root).resolve(), trainer["id"]) / model_checkpoint("transfer_source"))
+
+
 # -------------------------------------------------------------------------------------- values and sizes
 
 

@@ -147,6 +147,34 @@ def test_a_cldl_study_hands_each_base_with_its_method_state_to_the_other_arms(tm
     assert handed[0].model_copy(update={"base": hard.spec.base}) == hard.spec
 
 
+def test_the_arms_share_the_standard_transfer_source_their_base_experiment_trains(tmp_path, monkeypatch):
+    transfer = {**TINY_EXPERIMENT["eval"], "attacks": ["natural", "transfer"], "transfer_from": "standard"}
+    plan = plan_study(parse_study(study(experiment={**TINY_EXPERIMENT, "eval": transfer})))
+    trainer, hard = plan[0], plan[1]
+    assert hard.base_of == trainer.name and hard.shares_transfer_source and not trainer.shares_transfer_source
+    untrained = {"eval.transfer_from": None, "eval.attacks": ["natural"]}
+    own = plan_study(parse_study(study(experiment={**TINY_EXPERIMENT, "eval": transfer},
+                                       variants={"none": untrained, "std": {}})))
+    dependents = [p for p in own if p.variant == "std"]
+    assert all(p.base_of and own[0].spec.eval.transfer_from is None for p in dependents)
+    assert not any(p.shares_transfer_source for p in own)
+    import igat_core.runner
+
+    handed: list = []
+    monkeypatch.setattr(igat_core.runner, "run_experiment", lambda spec, out, progress: handed.append(spec) or {})
+    base_dir = study_run_dir(tmp_path, trainer.name)
+    for model in ("base", "transfer_source"):
+        (base_dir / model_checkpoint(model)).parent.mkdir(parents=True)
+        if model == "base":
+            (base_dir / model_checkpoint(model)).write_bytes(b"")
+            missing = run_planned(hard, tmp_path, progress=False)
+            assert "left no transfer source" in missing.error and "pretrained base" not in missing.error
+    (base_dir / model_checkpoint("transfer_source")).write_bytes(b"")
+    assert run_planned(hard, tmp_path, progress=False).succeeded
+    assert handed[0].eval.transfer_from == str((base_dir / model_checkpoint("transfer_source")).resolve())
+    assert handed[0].base.checkpoint == str((base_dir / model_checkpoint("base")).resolve())
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 
 
