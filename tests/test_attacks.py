@@ -3,12 +3,16 @@ the reference settings of AutoAttack's components, its cascade and its resumable
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchattacks
 
-from igat_core.attacks import ATTACKS, FGSM, MIM, PGD, Attack, AutoAttack, CWLinf, OutputBounds, margin_loss
-from igat_core.evaluate import ATTACK_ORDER, STRONG_PGD, EvalConfig, correct_mask, make_attack
+from igat_core.attacks import (ATTACKS, FGSM, MIM, PGD, Attack, AutoAttack, CWLinf, OutputBounds, TransferSource,
+                               margin_loss)
+from igat_core.evaluate import (ATTACK_ORDER, STRONG_PGD, EvalConfig, WithTransferSource, attack_factory_for,
+                                correct_mask, make_attack)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,7 +162,8 @@ TINY = EvalConfig(eps=0.3, step=0.075, steps=5, signhunter_queries=40, simba_que
 @pytest.mark.parametrize("combiner", ["average", "max"])
 def test_every_attacks_own_output_stays_in_the_eps_ball_and_the_image_range(trained_ensemble, batch, name, combiner):
     x, y = batch[0][:40], batch[1][:40]
-    attack = make_attack(name, trained_ensemble.with_combiner(combiner), TINY, torch.Generator().manual_seed(0))
+    factory = attack_factory_for(copy.deepcopy(trained_ensemble), TINY)
+    attack = factory(name, trained_ensemble.with_combiner(combiner), TINY, torch.Generator().manual_seed(0))
     adv = attack(x, y)
     bounds = attack.raw_bounds
     assert bounds.within_eps and bounds.within_range, bounds
@@ -203,8 +208,11 @@ def test_the_registry_builds_every_attack_the_spec_names_and_only_those():
     evaluated = set(get_args(AttackName)) - {"natural"}
     assert evaluated <= set(ATTACKS)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.LogSoftmax(dim=1))
+    factory = WithTransferSource(TransferSource(model, TINY.step, TINY.steps))
     for name in evaluated:
-        attack = make_attack(name, model, TINY, torch.Generator().manual_seed(0), eps=0.1)
+        attack = factory(name, model, TINY, torch.Generator().manual_seed(0), eps=0.1)
         assert isinstance(attack, ATTACKS[name]) and attack.eps == 0.1
+    with pytest.raises(ValueError, match="the transfer attack needs a source ensemble"):
+        make_attack("transfer", model, TINY, torch.Generator())
     with pytest.raises(ValueError, match="unknown attack 'fgsm'"):
         make_attack("fgsm", model, TINY, torch.Generator())
