@@ -173,7 +173,7 @@ def time_epoch(row: Row, trainer: Trainer, data: Split, batch: int, budget_s: fl
         if spent > budget_s:
             break
     row.epoch_s = spent * len(order) / done
-    row.epoch_batches = f"{done} of {len(order)}" + ("" if done == len(order) else ", extrapolated")
+    row.epoch_batches = f"{done} of {len(order)} batches" + ("" if done == len(order) else ", extrapolated")
 
 
 def render(rows: dict[str, Row], setting_line: str, command: str) -> str:
@@ -189,7 +189,7 @@ def render(rows: dict[str, Row], setting_line: str, command: str) -> str:
                  if row.ratios else "")
         diff = "" if row.logits_diff is None else f"{row.logits_diff:.2e}"
         equal = "" if row.x_adv_equal is None else f"{100 * row.x_adv_equal:.2f} %"
-        epoch = "" if row.epoch_s is None else f"{row.epoch_s:.1f} ({row.epoch_batches} batches)"
+        epoch = "" if row.epoch_s is None else f"{row.epoch_s:.1f} ({row.epoch_batches})"
         lines.append(f"| {row.setting} | {step} | {ratio} | {diff} | {equal} | {epoch} | {row.engine_note} |")
     return "\n".join(lines)
 

@@ -222,6 +222,12 @@ class MemberEngine:
         return f"engine fused: the {GLOBAL_PGD} and the {MEMBER_PASS} fused where fusion applies; member loop: {loop}"
 
 
+def uncached_autocast() -> torch.autocast:
+    """CUDA's current autocast state without its cast cache, whose casts a captured graph would not replay."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                          cache_enabled=False)
+
+
 class CapturedPGDStep:
     """One PGD step on a fixed input shape (forward, summed CE, input gradient, signed step, projection), captured
     as a CUDA graph over static tensors; `__call__` copies the iterate in and replays it. CUDA only, untested."""
@@ -230,14 +236,18 @@ class CapturedPGDStep:
         self.model, self.eps, self.step = model, eps, step
         self.x = images.detach().clone().requires_grad_(True)
         self.origin, self.labels = images.detach().clone(), labels.detach().clone()
+        self.capture()
+
+    def capture(self) -> None:
+        """Three warm-up steps on a side stream, then the step captured into `graph`, its output `next`."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), uncached_autocast():
             for _ in range(3):
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), uncached_autocast():
             self.next = self._step()
 
     def _step(self) -> torch.Tensor:
@@ -254,10 +264,13 @@ class CapturedPGDStep:
             self.origin.copy_(images)
             self.labels.copy_(labels)
 
+    def replay(self) -> None:
+        self.graph.replay()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             self.x.copy_(x)
-        self.graph.replay()
+        self.replay()
         return self.next.clone()
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from igat_core import engine as engine_module
 from igat_core.attacks import PGD
 from igat_core.defenses import Plain
-from igat_core.engine import GLOBAL_PGD, MEMBER_PASS, FusedEnsemble, MemberEngine
+from igat_core.engine import GLOBAL_PGD, MEMBER_PASS, CapturedPGDStep, FusedEnsemble, GraphedPGD, MemberEngine
 from igat_core.ensemble import Ensemble
 from igat_core.igat import IgatConfig, IgatObjective, fine_tune_objective
 from igat_core.runner import BASE_CHECKPOINT, RunContext, fine_tune, igat_config
@@ -172,6 +172,37 @@ def test_cuda_graphs_are_used_on_cuda_only():
     attack = engine.attack(ensemble.eval(), "average", 0.1, 0.025, 2, True, "eval", None)
     assert type(attack) is PGD and isinstance(attack.model, FusedEnsemble)
     assert engine.fallbacks == {"CUDA-graph capture of the global PGD": "the members are on cpu, not CUDA"}
+
+
+class EagerStep(CapturedPGDStep):
+    """A captured PGD step whose replay runs the step eagerly on the static tensors (capturing needs CUDA)."""
+
+    def capture(self) -> None:
+        pass
+
+    def replay(self) -> None:
+        self.next = self._step()
+
+
+def test_graphed_pgd_around_its_graphs_matches_the_plain_pgd_across_an_optimiser_step(monkeypatch):
+    """What GraphedPGD does around the graph: one capture per shape, the static weights refreshed from the members
+    after each optimiser step, the random start and the steps (the capture and replay themselves are untested)."""
+    monkeypatch.setattr(engine_module, "CapturedPGDStep", EagerStep)
+    loop, fused = twin_ensembles("resnet20")
+    optimizers = [torch.optim.SGD(e.parameters(), lr=0.5) for e in (loop, fused)]
+    graphs: dict = {}
+    engine = MemberEngine("fused", cuda_graphs=True)
+    for seed in (1, 2):
+        x, y = batch(8, seed)
+        graphed = GraphedPGD(FusedEnsemble.view(fused, "average", engine), 0.1, 0.025, 3,
+                             generator=torch.Generator().manual_seed(seed), graphs=graphs)
+        plain = PGD(loop.with_combiner("average"), 0.1, 0.025, 3, generator=torch.Generator().manual_seed(seed))
+        assert close(graphed(x, y), plain(x, y))
+        for ensemble, optimizer in zip((loop, fused), optimizers):
+            member_weighted_loss(ensemble.member_logits(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert len(graphs) == 1
 
 
 def test_fused_pass_under_bf16_autocast_keeps_the_loops_dtype():
