@@ -130,20 +130,27 @@ class FusedMembers:
 
 class FusedEnsemble(Ensemble):
     """A view of an ensemble (same members, its own combiner) for an attack: member logits from one fused pass over
-    a detached stack of the members' tensors, taken at the first forward and kept for the view's life."""
+    a detached stack of the members' tensors, taken at the first forward and kept for the view's life. Whether
+    fusion applies is decided once per mode, device and autocast state of the view (an attack's steps share them)."""
 
     engine: MemberEngine
     stack: MemberStack | None
+    decisions: dict[tuple, bool]
 
     @classmethod
     def view(cls, ensemble: Ensemble, combiner: str, engine: MemberEngine) -> FusedEnsemble:
         fused = ensemble.with_combiner(combiner)
         fused.__class__ = cls
-        fused.engine, fused.stack = engine, None
+        fused.engine, fused.stack, fused.decisions = engine, None, {}
         return fused  # type: ignore[return-value]
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.engine.fusable(GLOBAL_PGD, self.members, x):
+        key = (self.training, x.device.type, torch.is_autocast_enabled(x.device.type))
+        if key not in self.decisions:
+            self.decisions[key] = self.engine.fusable(GLOBAL_PGD, self.members, x)
+        elif self.decisions[key]:
+            self.engine.fused_calls[GLOBAL_PGD] += 1
+        if not self.decisions[key]:
             return super().member_logits(x)
         if self.stack is None:
             self.stack = stack_members(self.members, detach=True)
