@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from igat_core.attacks import PGD
 from igat_core.defenses.base import PAPER_IGAT_WEIGHTS, BaseMethod, LossOutput
+from igat_core.engine import MemberEngine
 from igat_core.ensemble import Ensemble, combine_probs
 
 Rule = Literal["soft", "hard", "random", "opposite"]
@@ -143,6 +143,8 @@ class IgatConfig:
     steps: int = 20
     random_start: bool = True
     model_mode: str = "eval"
+    engine: str = "loop"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -173,17 +175,17 @@ class GlobalBatch:
 
 
 def global_batch(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, config: IgatConfig,
-                 generator: torch.Generator | None) -> GlobalBatch:
-    """Global adversarial examples and one member pass over cat(x, x_adv). The attack and the distributing rule
-    draw from generators forked off `generator` in a fixed order, so objectives that share this step consume the
-    same randomness per batch whatever else they do with it."""
+                 generator: torch.Generator | None, engine: MemberEngine | None = None) -> GlobalBatch:
+    """Global adversarial examples and one member pass over cat(x, x_adv), both run by `engine` (default: the
+    config's). The attack and the distributing rule draw from generators forked off `generator` in a fixed order,
+    so objectives that share this step consume the same randomness per batch whatever else they do with it."""
+    engine = engine or MemberEngine(config.engine, config.cuda_graphs)
     attack_generator, rule_generator = forked_generator(generator), forked_generator(generator)
-    combined_model = ensemble.with_combiner(config.combiner)
-    attack = PGD(combined_model, config.eps, config.step, config.steps, config.random_start,
-                 model_mode=config.model_mode, generator=attack_generator)
+    attack = engine.attack(ensemble, config.combiner, config.eps, config.step, config.steps, config.random_start,
+                           config.model_mode, attack_generator)
     # eq. (12): global adversarial examples of the combined ensemble
     x_adv = attack(x, y)
-    logits = ensemble.member_logits(torch.cat([x, x_adv]))
+    logits = engine.member_logits(ensemble, torch.cat([x, x_adv]))
     probs = torch.softmax(logits, dim=-1)
     misclassified = combine_probs(probs, config.combiner).argmax(dim=-1) != torch.cat([y, y])
     return GlobalBatch(x_adv, logits, probs, misclassified, rule_generator)
@@ -237,10 +239,11 @@ class GlobalStepObjective(FineTuning):
     def __init__(self, base: BaseMethod, config: IgatConfig):
         super().__init__(base)
         self.config = config
+        self.engine = MemberEngine(config.engine, config.cuda_graphs)
 
     def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
                    generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
-        g = global_batch(ensemble, x, y, self.config, generator)
+        g = global_batch(ensemble, x, y, self.config, generator, self.engine)
         extra, metrics = self.global_terms(g, y)
         return extra, {**metrics, **_errors(g)}
 

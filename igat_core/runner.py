@@ -27,7 +27,7 @@ from igat_core.defenses.base import MethodHooks
 from igat_core.ensemble import (CheckpointError, Ensemble, MethodState, checkpoint_errors, ensemble_from_checkpoint,
                                import_dverge_checkpoint, load_ensemble, method_state, read_checkpoint)
 from igat_core.evaluate import EvalConfig, attack_factory_for, evaluate_ensemble, evaluation_record
-from igat_core.igat import CONTROLS, FineTuning, IgatConfig, fine_tune_objective
+from igat_core.igat import CONTROLS, FineTuning, GlobalStepObjective, IgatConfig, fine_tune_objective
 from igat_core.models import ModelConfig
 from igat_core.progress import EvalProgress, Heartbeat, heartbeat
 from igat_core.report import write_report
@@ -70,7 +70,8 @@ def model_config(spec: ExperimentSpec) -> ModelConfig:
 def train_config(optim: OptimSpec, spec: ExperimentSpec, seed_offset: int) -> TrainConfig:
     augment = spec.dataset.augment if spec.dataset.augment is not None else spec.dataset.name.startswith("cifar")
     return TrainConfig(optim.epochs, optim.batch_size, optim.lr, optim.momentum, optim.weight_decay,
-                       tuple(optim.milestones), optim.gamma, augment, spec.seed + seed_offset, optim.optimizer)
+                       tuple(optim.milestones), optim.gamma, augment, spec.seed + seed_offset, optim.optimizer,
+                       spec.resources.precision)
 
 
 def fine_tune_config(spec: ExperimentSpec) -> TrainConfig:
@@ -92,7 +93,7 @@ def igat_config(spec: ExperimentSpec, tuned: Mapping[str, Any] | None = None) ->
                       misclassified_only=g.misclassified_only,
                       global_loss_mean=g.global_loss_mean, combiner=spec.ensemble.combiner, eps=g.attack.eps,
                       step=g.attack.step, steps=g.attack.steps, random_start=g.attack.random_start,
-                      model_mode=g.model_mode)
+                      model_mode=g.model_mode, engine=spec.resources.engine, cuda_graphs=spec.resources.cuda_graphs)
 
 
 def base_method_params(spec: ExperimentSpec) -> dict:
@@ -228,7 +229,12 @@ def _legacy_method_state(out: Path, name: str) -> MethodState | None:
 def fine_tune(ctx: RunContext, model: str, train: Split, objective: FineTuning) -> None:
     """Fine-tune `model` (iGAT or a control) from the base checkpoint with `objective`, on iGAT's budget."""
     ensemble = load_ensemble(ctx.out / BASE_CHECKPOINT, ctx.spec.ensemble.combiner)
+    engine = objective.engine if isinstance(objective, GlobalStepObjective) else None
+    if engine is not None and engine.kind != "loop":
+        ctx.log.event(model, "engine", engine.summary(), **engine.report())
     train_phase(ctx, model, ensemble, objective, train, fine_tune_config(ctx.spec), model)
+    if engine is not None and engine.fused_calls:
+        ctx.log.event(model, "engine", f"after training: {engine.summary()}", **engine.report())
 
 
 def train_transfer_source(ctx: RunContext, train: Split) -> None:

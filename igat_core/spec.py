@@ -318,6 +318,16 @@ class ResourcesSpec(_Strict):
                                 "trains or evaluates (igat run, the Ray Job's runner, each Ray Train worker); the "
                                 "thread count changes how reductions are summed, hence the numbers; default: "
                                 "floor(cpus_per_worker), at least 1, written into the resolved spec")
+    engine: Literal["loop", "fused"] = Field(
+        "loop", description="how the members run in the passes where they all see one batch (iGAT's global PGD, "
+        "the member pass over cat(x, x_adv)): loop, one member after another; fused, one batched computation "
+        "(torch.func.vmap over the members' stacked weights; same results to float round-off). Every other pass "
+        "runs the loop, and the run's events say which passes did")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: bfloat16 autocast in every training step (the global PGD included); "
+        "evaluation and its attacks stay fp32")
+    cuda_graphs: bool = Field(False, description="with engine fused on a CUDA device: capture the global PGD's "
+                              "step as a CUDA graph, replayed for every batch of the same shape (untested on a GPU)")
 
     @model_validator(mode="after")
     def _resolve_threads(self) -> ResourcesSpec:

@@ -4,7 +4,8 @@ SGD with momentum and a multi-step learning-rate schedule; a checkpoint after ev
 the last one. Shuffling and the objective's randomness are seeded per epoch, so a resumed run draws the same
 batches as an uninterrupted one. `report(metrics, checkpoint_dir)` is called after each epoch's checkpoint. A loss
 that becomes NaN or infinite stops the phase at that batch, before its step, with `TrainingDiverged` (that epoch's
-checkpoint is not written: the last one holds finite weights).
+checkpoint is not written: the last one holds finite weights). `precision: bf16` runs each step's forward
+passes (the objective, its attacks included) under bfloat16 autocast; evaluation never passes through here.
 
 Data-parallel training (the Ray Train workers): every rank draws the same permutation, each global batch is
 split across ranks, each rank's loss is the mean over its shard, and `gradient_sync` (for example an all-reduce
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ class Objective(Protocol):
 
 
 Report = Callable[[dict, Path], None]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 GradientSync = Callable[[Iterable[torch.nn.Parameter]], None]
 
 
@@ -53,6 +56,19 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     optimizer: str = "sgd"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def step_precision(precision: str, device: torch.device) -> AbstractContextManager:
+    """The numeric precision of a training step's forward passes: bf16 is bfloat16 autocast on `device`'s type
+    (the backward pass follows the forward's dtypes); fp32 changes nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 class TrainingDiverged(RuntimeError):
@@ -198,7 +214,8 @@ def fit(ensemble: Ensemble, objective: Objective, train: Split, config: TrainCon
             if config.augment:
                 x = augment_crop_flip(x, generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = objective(ensemble, x, y, generator)
+            with step_precision(config.precision, torch.device(device)):
+                out = objective(ensemble, x, y, generator)
             loss = float(out.loss.detach())
             if not math.isfinite(loss):
                 bar.close()  # leaves the line the error is printed on clean

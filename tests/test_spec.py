@@ -67,6 +67,22 @@ def test_threads_default_to_the_whole_cpus_of_one_worker_and_are_written_into_th
     assert [path for path, _ in info.value.problems] == ["resources.threads"]
 
 
+
+def test_engine_and_precision_default_to_the_member_loop_in_fp32_and_reach_the_training_configs():
+    from igat_core.runner import fine_tune_config, igat_config
+
+    default = ExperimentSpec()
+    assert (default.resources.engine, default.resources.precision, default.resources.cuda_graphs) == \
+        ("loop", "fp32", False)
+    chosen = parse_spec({"resources": {"engine": "fused", "precision": "bf16", "cuda_graphs": True}})
+    assert (igat_config(chosen).engine, igat_config(chosen).cuda_graphs) == ("fused", True)
+    assert fine_tune_config(chosen).precision == "bf16" and fine_tune_config(default).precision == "fp32"
+    for field, value in (("engine", "vmap"), ("precision", "fp16")):
+        with pytest.raises(SpecError) as info:
+            parse_spec({"resources": {field: value}})
+        assert [path for path, _ in info.value.problems] == [f"resources.{field}"]
+
+
 def test_examples_are_valid_specs():
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         assert load_spec(path).name

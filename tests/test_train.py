@@ -111,3 +111,43 @@ def test_a_divergence_is_found_inside_the_errors_that_wrap_it():
         found = divergence_in(exc)
     assert found is not None and found.args == original.args and found.__cause__ is None
     assert divergence_in(RuntimeError("something else")) is None
+
+
+def conv_output_dtypes_of_a_step(digits_train, tmp_path, precision: str) -> tuple[set[torch.dtype], Ensemble]:
+    """The dtypes member 0's first convolution outputs during one iGAT training step at `precision`."""
+    ensemble = fresh_ensemble()
+    seen: set[torch.dtype] = set()
+    ensemble.members[0].net.features[0].register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    subset = type(digits_train)(digits_train.images[:32], digits_train.labels[:32], digits_train.info)
+    objective = IgatObjective(Plain(), IgatConfig(eps=0.1, step=0.05, steps=2))
+    fit(ensemble, objective, subset, TrainConfig(epochs=1, batch_size=32, lr=0.05, precision=precision), tmp_path,
+        progress=False)
+    return seen, ensemble
+
+
+def test_bf16_precision_runs_the_training_step_and_its_global_pgd_in_bfloat16(digits_train, tmp_path):
+    seen, ensemble = conv_output_dtypes_of_a_step(digits_train, tmp_path / "bf16", "bf16")
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in ensemble.parameters())
+    fp32_seen, _ = conv_output_dtypes_of_a_step(digits_train, tmp_path / "fp32", "fp32")
+    assert fp32_seen == {torch.float32}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(epochs=1, precision="fp16")
+
+
+def test_fp32_precision_is_bit_identical_to_a_plain_step(digits_train, tmp_path):
+    """fit at fp32 against the step written out by hand (objective, backward, SGD step) without any autocast."""
+    from igat_core.train import epoch_seed, make_optimizer
+
+    config = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=2, precision="fp32")
+    subset = type(digits_train)(digits_train.images[:32], digits_train.labels[:32], digits_train.info)
+    objective = IgatObjective(Plain(), IgatConfig(eps=0.1, step=0.05, steps=2))
+    trained = fresh_ensemble()
+    fit(trained, objective, subset, config, tmp_path, progress=False)
+    reference = fresh_ensemble().train()
+    optimizer, _ = make_optimizer(reference, config)
+    generator = torch.Generator().manual_seed(epoch_seed(config.seed, 1))
+    idx, = batch_indices(32, 32, generator)
+    objective(reference, subset.images[idx], subset.labels[idx], generator).loss.backward()
+    optimizer.step()
+    assert torch.equal(weights(trained), weights(reference))
