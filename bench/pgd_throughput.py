@@ -101,19 +101,21 @@ def render(result: dict, command: str) -> str:
     ])
 
 
-def write_section(path: Path, block: str) -> None:
-    """(Re)write this script's section of `path`: its block for the same command is replaced, others are kept."""
+def write_section(path: Path, block: str, start: str = SECTION_START, end: str = SECTION_END,
+                  intro: str = INTRO) -> None:
+    """(Re)write the section of `path` between the marks `start` and `end` (this script's by default): the block
+    for the same command is replaced, others are kept, and the section starts with `intro`."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        inside, after = rest.split(SECTION_END, 1)
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        inside, after = rest.split(end, 1)
         blocks = inside.strip("\n").split(RUN_SEPARATOR)[1:]
     else:
         before, after, blocks = text.rstrip("\n") + "\n\n", "\n", []
     command = block.splitlines()[0]
     blocks = [b for b in blocks if b.splitlines()[0] != command] + [block]
-    section = RUN_SEPARATOR.join([INTRO, *blocks])
-    path.write_text(f"{before}{SECTION_START}\n{section}\n{SECTION_END}{after}")
+    section = RUN_SEPARATOR.join([intro, *blocks])
+    path.write_text(f"{before}{start}\n{section}\n{end}{after}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from igat_core.attacks import PGD
 from igat_core.defenses.base import PAPER_IGAT_WEIGHTS, BaseMethod, LossOutput
-from igat_core.ensemble import Ensemble, combine_probs
+from igat_core.ensemble import Ensemble, KeptLogits, combine_probs
 
 Rule = Literal["soft", "hard", "random", "opposite"]
 RULES: tuple[str, ...] = ("soft", "hard", "random", "opposite")
@@ -143,6 +143,7 @@ class IgatConfig:
     steps: int = 20
     random_start: bool = True
     model_mode: str = "eval"
+    reuse_natural_pass: bool = True
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -173,20 +174,33 @@ class GlobalBatch:
 
 
 def global_batch(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, config: IgatConfig,
-                 generator: torch.Generator | None) -> GlobalBatch:
-    """Global adversarial examples and one member pass over cat(x, x_adv). The attack and the distributing rule
+                 generator: torch.Generator | None, natural: KeptLogits | None = None) -> GlobalBatch:
+    """Global adversarial examples and the member logits on cat(x, x_adv). The attack and the distributing rule
     draw from generators forked off `generator` in a fixed order, so objectives that share this step consume the
-    same randomness per batch whatever else they do with it."""
+    same randomness per batch whatever else they do with it. `natural`: the base loss's pass over x
+    (`natural_and_adversarial_logits`)."""
     attack_generator, rule_generator = forked_generator(generator), forked_generator(generator)
     combined_model = ensemble.with_combiner(config.combiner)
     attack = PGD(combined_model, config.eps, config.step, config.steps, config.random_start,
                  model_mode=config.model_mode, generator=attack_generator)
     # eq. (12): global adversarial examples of the combined ensemble
     x_adv = attack(x, y)
-    logits = ensemble.member_logits(torch.cat([x, x_adv]))
+    logits = natural_and_adversarial_logits(ensemble, x, x_adv, natural if config.reuse_natural_pass else None)
     probs = torch.softmax(logits, dim=-1)
     misclassified = combine_probs(probs, config.combiner).argmax(dim=-1) != torch.cat([y, y])
     return GlobalBatch(x_adv, logits, probs, misclassified, rule_generator)
+
+
+def natural_and_adversarial_logits(ensemble: Ensemble, x: torch.Tensor, x_adv: torch.Tensor,
+                                   natural: KeptLogits | None) -> torch.Tensor:
+    """(N, 2B, C) member logits on cat(x, x_adv). The natural half is the kept pass over x where it equals a pass
+    over cat(x, x_adv) (`KeptLogits.reusable_by`: no batch statistics); with BatchNorm in train mode it does not,
+    as cat(x, x_adv) is normalised by (and moves the running statistics with) the statistics of all 2B examples,
+    so both halves are run again."""
+    kept = None if natural is None else natural.reusable_by(ensemble)
+    if kept is None:
+        return ensemble.member_logits(torch.cat([x, x_adv]))
+    return torch.cat([kept, ensemble.member_logits(x_adv)], dim=1)
 
 
 class FineTuning:
@@ -217,14 +231,15 @@ class FineTuning:
                     finetuning: bool = True) -> None:
         self.base.start_epoch(ensemble, epoch, epochs, generator, finetuning=True)
 
-    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor | None, dict[str, float]]:
+    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                   natural: KeptLogits) -> tuple[torch.Tensor | None, dict[str, float]]:
         return None, {}
 
     def __call__(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> LossOutput:
-        base_out = self.base.loss(ensemble, x, y, generator)
-        extra, extra_metrics = self.extra_loss(ensemble, x, y, generator)
+        with ensemble.keeping_logits_of(x) as natural:
+            base_out = self.base.loss(ensemble, x, y, generator)
+        extra, extra_metrics = self.extra_loss(ensemble, x, y, generator, natural)
         loss = base_out.loss if extra is None else base_out.loss + extra
         metrics = {**{f"base_{k}": v for k, v in base_out.metrics.items()}, **extra_metrics,
                    "loss": float(loss.detach())}
@@ -238,9 +253,9 @@ class GlobalStepObjective(FineTuning):
         super().__init__(base)
         self.config = config
 
-    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
-        g = global_batch(ensemble, x, y, self.config, generator)
+    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                   natural: KeptLogits) -> tuple[torch.Tensor, dict[str, float]]:
+        g = global_batch(ensemble, x, y, self.config, generator, natural)
         extra, metrics = self.global_terms(g, y)
         return extra, {**metrics, **_errors(g)}
 
