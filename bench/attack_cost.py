@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.pgd_throughput import build, command_line, timed, write_marked_section
+from bench.pgd_throughput import build, command_line, timed, write_section
 from igat_core.attacks import MORA, PGD, Attack, LogitPGD, Transfer, TransferSource
 from igat_core.data import load_dataset
 from igat_core.ensemble import Ensemble
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     section = render(result, command_line("bench.attack_cost", argv))
     print(section)
     if args.write is not None:
-        write_marked_section(args.write, section, SECTION_START, SECTION_END, INTRO)
+        write_section(args.write, section, SECTION_START, SECTION_END, INTRO)
     return result
 
 

@@ -101,9 +101,10 @@ def render(result: dict, command: str) -> str:
     ])
 
 
-def write_marked_section(path: Path, block: str, start: str, end: str, intro: str) -> None:
-    """(Re)write the section of `path` between the markers `start` and `end`: `intro`, then one block per command
-    (its first line), the block for the same command replaced, the others kept."""
+def write_section(path: Path, block: str, start: str = SECTION_START, end: str = SECTION_END,
+                  intro: str = INTRO) -> None:
+    """(Re)write the section of `path` between the marks `start` and `end` (this script's by default): the block
+    for the same command is replaced, others are kept, and the section starts with `intro`."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text:
         before, rest = text.split(start, 1)
@@ -115,11 +116,6 @@ def write_marked_section(path: Path, block: str, start: str, end: str, intro: st
     blocks = [b for b in blocks if b.splitlines()[0] != command] + [block]
     section = RUN_SEPARATOR.join([intro, *blocks])
     path.write_text(f"{before}{start}\n{section}\n{end}{after}")
-
-
-def write_section(path: Path, block: str) -> None:
-    """(Re)write this script's section of `path`: its block for the same command is replaced, others are kept."""
-    write_marked_section(path, block, SECTION_START, SECTION_END, INTRO)
 
 
 def command_line(module: str, argv: list[str] | None) -> str:

@@ -37,6 +37,7 @@ from torch.func import functional_call, vmap
 from igat_core.attacks.base import project_linf
 from igat_core.attacks.pgd import PGD
 from igat_core.ensemble import Ensemble
+from igat_core.models import Normalized
 
 ENGINES: tuple[str, ...] = ("loop", "fused")
 GLOBAL_PGD = "global PGD"
@@ -109,11 +110,15 @@ def unfusable_reason(members: Sequence[nn.Module], x: torch.Tensor) -> str | Non
 
 
 class FusedMembers:
-    """One member's forward under vmap over a `MemberStack`: (B, ...) images -> (N, B, C) logits."""
+    """One member's forward under vmap over a `MemberStack`: (B, ...) images -> (N, B, C) logits. Its inputs stay
+    NCHW (vmap cannot change a tensor's memory format); channels_last members' weights are read as they are."""
 
     def __init__(self, members: nn.ModuleList):
         self.members = members
         self.template = copy.deepcopy(members[0]).to("meta")
+        for module in self.template.modules():
+            if isinstance(module, Normalized):
+                module.channels_last = False
 
     def __call__(self, x: torch.Tensor, stack: MemberStack) -> torch.Tensor:
         for mine, theirs in zip(self.template.modules(), self.members[0].modules()):

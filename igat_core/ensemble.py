@@ -24,6 +24,7 @@ from torch import nn
 
 from igat_core.models import MemberOutput, ModelConfig, Normalized, build_model
 from igat_core.rundir import replacing
+from igat_core.runtime import channels_last_default
 
 Combiner = Literal["average", "max"]
 COMBINERS: tuple[str, ...] = ("average", "max")
@@ -73,7 +74,12 @@ def check_combiner(combiner: str, config: ModelConfig) -> None:
 
 
 class Ensemble(nn.Module):
-    def __init__(self, config: ModelConfig, members: int, combiner: str = "average"):
+    """`channels_last` (default: `runtime.channels_last_default()`) keeps convolutional members channels_last."""
+
+    _kept: KeptLogits | None = None
+
+    def __init__(self, config: ModelConfig, members: int, combiner: str = "average",
+                 channels_last: bool | None = None):
         super().__init__()
         if members < 1:
             raise ValueError("an ensemble needs at least one member")
@@ -81,6 +87,12 @@ class Ensemble(nn.Module):
         self.config = config
         self.combiner = combiner
         self.members = nn.ModuleList(build_model(config) for _ in range(members))
+        self.use_channels_last(channels_last_default() if channels_last is None else channels_last)
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """Every member's weights and inputs channels_last or NCHW (`Normalized.use_channels_last`)."""
+        for member in self.members:
+            member.use_channels_last(enabled)  # type: ignore[operator]
 
     @property
     def num_members(self) -> int:
@@ -88,7 +100,9 @@ class Ensemble(nn.Module):
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, B, C) logits of every member."""
-        return torch.stack([m(x) for m in self.members])
+        logits = torch.stack([m(x) for m in self.members])
+        self._keep(x, logits)
+        return logits
 
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(N, B, C) softmax probabilities of every member."""
@@ -96,7 +110,32 @@ class Ensemble(nn.Module):
 
     def member_outputs(self, x: torch.Tensor) -> list[MemberOutput]:
         """Every member's logits, hidden pre-activation and auxiliary score from one forward pass each."""
-        return [m.forward_all(x) for m in self.members]
+        outputs = [m.forward_all(x) for m in self.members]
+        if self._kept is not None:
+            self._keep(x, torch.stack([o.logits for o in outputs]))
+        return outputs
+
+    @property
+    def batch_independent(self) -> bool:
+        """Whether each member's output on an example is independent of the rest of its batch: no module in train
+        mode uses batch statistics (BatchNorm) or draws a mask per pass (Dropout)."""
+        batch_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+        return not any(m.training and isinstance(m, batch_dependent) for m in self.members.modules())
+
+    @contextmanager
+    def keeping_logits_of(self, x: torch.Tensor) -> Iterator[KeptLogits]:
+        """Inside the block, the first grad-enabled member pass over exactly `x` (the tensor object) keeps its
+        (N, B, C) logits, with the members' train/eval modes of that pass, in the yielded `KeptLogits`."""
+        self._kept = KeptLogits(x)
+        try:
+            yield self._kept
+        finally:
+            self._kept = None
+
+    def _keep(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        kept = self._kept
+        if kept is not None and kept.x is x and kept.logits is None and torch.is_grad_enabled():
+            kept.logits, kept.modes = logits, member_modes(self)
 
     def member_logits_and_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, B, C) logits and (N, B) auxiliary-head logits (SoE members only)."""
@@ -140,6 +179,27 @@ class Ensemble(nn.Module):
         atomic_torch_save(payload, path)
 
 
+def member_modes(ensemble: Ensemble) -> tuple[bool, ...]:
+    """The train/eval flag of every module of the members."""
+    return tuple(m.training for m in ensemble.members.modules())
+
+
+@dataclass
+class KeptLogits:
+    """The members' logits on the batch `x` from a pass made for another loss (`Ensemble.keeping_logits_of`)."""
+
+    x: torch.Tensor
+    logits: torch.Tensor | None = None
+    modes: tuple[bool, ...] = ()
+
+    def reusable_by(self, ensemble: Ensemble) -> torch.Tensor | None:
+        """The kept logits when `ensemble`'s members would now compute the same values for `x` in any batch:
+        kept, in the same modes, and batch-independent (`Ensemble.batch_independent`); else None."""
+        if self.logits is None or not ensemble.batch_independent or self.modes != member_modes(ensemble):
+            return None
+        return self.logits
+
+
 @dataclass(frozen=True)
 class MethodState:
     """The state a base method owns besides the members (`BaseMethod.state_dict()`), named by its method."""
@@ -159,13 +219,14 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def ensemble_from_checkpoint(payload: Mapping, combiner: str | None = None) -> Ensemble:
+def ensemble_from_checkpoint(payload: Mapping, combiner: str | None = None,
+                             channels_last: bool | None = None) -> Ensemble:
     if not isinstance(payload, Mapping):
         raise ValueError(f"not an igat ensemble checkpoint (it holds a {type(payload).__name__})")
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not an igat ensemble checkpoint (format {payload.get('format')!r})")
     config = ModelConfig.from_dict(payload["model"])
-    ensemble = Ensemble(config, payload["members"], combiner or payload["combiner"])
+    ensemble = Ensemble(config, payload["members"], combiner or payload["combiner"], channels_last)
     for member, state in zip(ensemble.members, payload["state_dicts"], strict=True):
         member.load_state_dict(state)
     return ensemble

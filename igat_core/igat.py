@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from igat_core.defenses.base import PAPER_IGAT_WEIGHTS, BaseMethod, LossOutput
 from igat_core.engine import MemberEngine
-from igat_core.ensemble import Ensemble, combine_probs
+from igat_core.ensemble import Ensemble, KeptLogits, combine_probs
 
 Rule = Literal["soft", "hard", "random", "opposite"]
 RULES: tuple[str, ...] = ("soft", "hard", "random", "opposite")
@@ -145,6 +145,7 @@ class IgatConfig:
     model_mode: str = "eval"
     engine: str = "loop"
     cuda_graphs: bool = False
+    reuse_natural_pass: bool = True
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -175,20 +176,36 @@ class GlobalBatch:
 
 
 def global_batch(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, config: IgatConfig,
-                 generator: torch.Generator | None, engine: MemberEngine | None = None) -> GlobalBatch:
-    """Global adversarial examples and one member pass over cat(x, x_adv), both run by `engine` (default: the
+                 generator: torch.Generator | None, engine: MemberEngine | None = None,
+                 natural: KeptLogits | None = None) -> GlobalBatch:
+    """Global adversarial examples and the member logits on cat(x, x_adv), both run by `engine` (default: the
     config's). The attack and the distributing rule draw from generators forked off `generator` in a fixed order,
-    so objectives that share this step consume the same randomness per batch whatever else they do with it."""
+    so objectives that share this step consume the same randomness per batch whatever else they do with it.
+    `natural`: the base loss's pass over x (`natural_and_adversarial_logits`)."""
     engine = engine or MemberEngine(config.engine, config.cuda_graphs)
     attack_generator, rule_generator = forked_generator(generator), forked_generator(generator)
     attack = engine.attack(ensemble, config.combiner, config.eps, config.step, config.steps, config.random_start,
                            config.model_mode, attack_generator)
     # eq. (12): global adversarial examples of the combined ensemble
     x_adv = attack(x, y)
-    logits = engine.member_logits(ensemble, torch.cat([x, x_adv]))
+    logits = natural_and_adversarial_logits(ensemble, x, x_adv, natural if config.reuse_natural_pass else None,
+                                            engine)
     probs = torch.softmax(logits, dim=-1)
     misclassified = combine_probs(probs, config.combiner).argmax(dim=-1) != torch.cat([y, y])
     return GlobalBatch(x_adv, logits, probs, misclassified, rule_generator)
+
+
+def natural_and_adversarial_logits(ensemble: Ensemble, x: torch.Tensor, x_adv: torch.Tensor,
+                                   natural: KeptLogits | None, engine: MemberEngine | None = None) -> torch.Tensor:
+    """(N, 2B, C) member logits on cat(x, x_adv). The natural half is the kept pass over x where it equals a pass
+    over cat(x, x_adv) (`KeptLogits.reusable_by`: no batch statistics); with BatchNorm in train mode it does not,
+    as cat(x, x_adv) is normalised by (and moves the running statistics with) the statistics of all 2B examples,
+    so both halves are run again."""
+    kept = None if natural is None else natural.reusable_by(ensemble)
+    engine = engine or MemberEngine()
+    if kept is None:
+        return engine.member_logits(ensemble, torch.cat([x, x_adv]))
+    return torch.cat([kept, engine.member_logits(ensemble, x_adv)], dim=1)
 
 
 class FineTuning:
@@ -219,14 +236,15 @@ class FineTuning:
                     finetuning: bool = True) -> None:
         self.base.start_epoch(ensemble, epoch, epochs, generator, finetuning=True)
 
-    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor | None, dict[str, float]]:
+    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                   natural: KeptLogits) -> tuple[torch.Tensor | None, dict[str, float]]:
         return None, {}
 
     def __call__(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> LossOutput:
-        base_out = self.base.loss(ensemble, x, y, generator)
-        extra, extra_metrics = self.extra_loss(ensemble, x, y, generator)
+        with ensemble.keeping_logits_of(x) as natural:
+            base_out = self.base.loss(ensemble, x, y, generator)
+        extra, extra_metrics = self.extra_loss(ensemble, x, y, generator, natural)
         loss = base_out.loss if extra is None else base_out.loss + extra
         metrics = {**{f"base_{k}": v for k, v in base_out.metrics.items()}, **extra_metrics,
                    "loss": float(loss.detach())}
@@ -241,9 +259,9 @@ class GlobalStepObjective(FineTuning):
         self.config = config
         self.engine = MemberEngine(config.engine, config.cuda_graphs)
 
-    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
-        g = global_batch(ensemble, x, y, self.config, generator, self.engine)
+    def extra_loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                   natural: KeptLogits) -> tuple[torch.Tensor, dict[str, float]]:
+        g = global_batch(ensemble, x, y, self.config, generator, self.engine, natural)
         extra, metrics = self.global_terms(g, y)
         return extra, {**metrics, **_errors(g)}
 

@@ -35,7 +35,7 @@ from igat_core.results import results_record
 from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, REPORT_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
                               TRANSFER_SOURCE, TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, read_json,
                               write_json_atomic)
-from igat_core.runtime import torch_threads
+from igat_core.runtime import channels_last_members, torch_threads
 from igat_core.spec import (STANDARD_TRANSFER_SOURCE, AttackSpec, ExperimentSpec, OptimSpec, checkpoint_reference,
                             dump_spec, load_spec)
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
@@ -93,7 +93,8 @@ def igat_config(spec: ExperimentSpec, tuned: Mapping[str, Any] | None = None) ->
                       misclassified_only=g.misclassified_only,
                       global_loss_mean=g.global_loss_mean, combiner=spec.ensemble.combiner, eps=g.attack.eps,
                       step=g.attack.step, steps=g.attack.steps, random_start=g.attack.random_start,
-                      model_mode=g.model_mode, engine=spec.resources.engine, cuda_graphs=spec.resources.cuda_graphs)
+                      model_mode=g.model_mode, engine=spec.resources.engine, cuda_graphs=spec.resources.cuda_graphs,
+                      reuse_natural_pass=g.reuse_natural_pass)
 
 
 def base_method_params(spec: ExperimentSpec) -> dict:
@@ -379,7 +380,9 @@ class Runner:
             raise ValueError("tune.enabled: the alpha/beta search runs on Ray Tune; submit the spec to the service "
                              "(igat submit) or run `python -m workers.runner SPEC.yaml`, or set tune.enabled: false")
         self.out.mkdir(parents=True, exist_ok=True)
-        with torch_threads(self.spec.resources.threads), heartbeat(self.context.log, "run") as self.beat:
+        r = self.spec.resources
+        with torch_threads(r.threads), channels_last_members(r.channels_last), \
+                heartbeat(self.context.log, "run") as self.beat:
             return self._run_phases()
 
     def _run_phases(self) -> dict:

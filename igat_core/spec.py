@@ -238,6 +238,9 @@ class IgatSpec(_Strict):
     model_mode: ModelMode = Field("eval", validation_alias=AliasChoices("model_mode", "bn_mode"),
                                   description="members' BatchNorm/dropout mode during the global PGD (train: the "
                                   "official code's, running statistics updated); bn_mode is its former name")
+    reuse_natural_pass: bool = Field(True, description="the training pass over cat(x, x_adv) takes its natural half "
+                                     "from L_E's pass where the members have no batch statistics (no BatchNorm): "
+                                     "the same loss values, gradients equal up to float round-off")
     attack: AttackSpec = Field(default_factory=AttackSpec)
     train: OptimSpec = Field(
         default_factory=lambda: OptimSpec(epochs=20, batch_size=512, lr=0.01, milestones=[10], gamma=0.2)
@@ -317,7 +320,8 @@ class ResourcesSpec(_Strict):
     threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads of every process that "
                                 "trains or evaluates (igat run, the Ray Job's runner, each Ray Train worker); the "
                                 "thread count changes how reductions are summed, hence the numbers; default: "
-                                "floor(cpus_per_worker), at least 1, written into the resolved spec")
+                                "floor(cpus_per_worker), at least 1, written into the resolved spec; each worker "
+                                "reserves at least this many CPUs (worker_cpus)")
     engine: Literal["loop", "fused"] = Field(
         "loop", description="how the members run in the passes where they all see one batch (iGAT's global PGD, "
         "the member pass over cat(x, x_adv)): loop, one member after another; fused, one batched computation "
@@ -328,6 +332,8 @@ class ResourcesSpec(_Strict):
         "evaluation and its attacks stay fp32")
     cuda_graphs: bool = Field(False, description="with engine fused on a CUDA device: capture the global PGD's "
                               "step as a CUDA graph, replayed for every batch of the same shape (untested on a GPU)")
+    channels_last: bool = Field(True, description="convolutional members keep weights and inputs channels_last "
+                                "(NHWC): faster on the CPU, the same results up to float round-off (igat_core.runtime)")
 
     @model_validator(mode="after")
     def _resolve_threads(self) -> ResourcesSpec:
@@ -336,9 +342,15 @@ class ResourcesSpec(_Strict):
         return self
 
     @property
+    def worker_cpus(self) -> float:
+        """The CPUs one training process holds: cpus_per_worker, or its threads when they are more, so that
+        workers packed onto one node never run more threads than the CPUs they hold."""
+        return max(self.cpus_per_worker, float(self.threads or 1))
+
+    @property
     def requested_cpus(self) -> float:
-        """What the run holds while it trains: its workers' CPUs, or its threads when that is more (one process)."""
-        return max(self.num_workers * self.cpus_per_worker, float(self.threads or 1))
+        """What the run holds while it trains: every worker's `worker_cpus`."""
+        return self.num_workers * self.worker_cpus
 
 
 TuneMode = Literal["grid", "random", "asha"]

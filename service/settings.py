@@ -55,9 +55,9 @@ class Settings(BaseSettings):
     max_concurrent_experiments: int = Field(1, ge=1, le=1024, description="running experiments per dispatcher")
     max_concurrent_cpus: float | None = Field(
         None, gt=0.0, le=1e6, description="CPUs the running experiments of one dispatcher may request together (each "
-        "requests resources.num_workers x cpus_per_worker, at least its threads); the next run in queue order waits "
-        "until it fits, and one that exceeds the limit alone still runs when nothing else does; unset: no CPU limit; "
-        "`igat serve` sets it to the CPUs of the Ray head it starts")
+        "requests resources.num_workers x the larger of cpus_per_worker and threads); the next run in queue order "
+        "waits until it fits, and one that exceeds the limit alone still runs when nothing else does; unset: no CPU "
+        "limit; `igat serve` sets it to the CPUs of the Ray head it starts")
     lease_s: float = Field(30.0, gt=0.0, description="a dispatcher that misses renewing for this long is presumed dead")
     max_attempts: int = Field(3, ge=1, le=100, description="starts of one experiment before it is failed for good")
     cancel_grace_s: float = Field(10.0, ge=0.0, description="SIGTERM -> SIGKILL delay when cancelling a run")

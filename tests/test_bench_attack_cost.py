@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.attack_cost import CASES, SECTION_END, SECTION_START, Target, render, summarize
-from bench.pgd_throughput import build, write_marked_section
+from bench.pgd_throughput import build, write_section
 
 
 def test_ratios_are_medians_of_per_repetition_ratios_and_gradients_are_means():
@@ -31,7 +31,7 @@ def test_the_section_keeps_one_block_per_command(tmp_path: Path):
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\nkept\n")
     for block in ("`a`\n\nfirst", "`b`\n\nother", "`a`\n\nsecond"):
-        write_marked_section(path, block, SECTION_START, SECTION_END, "## intro")
+        write_section(path, block, SECTION_START, SECTION_END, "## intro")
     text = path.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n\n" + SECTION_START) and text.endswith(SECTION_END + "\n")
     assert "first" not in text and text.index("other") < text.index("second")

@@ -31,8 +31,10 @@ Scorer = Callable[[Ensemble, torch.device], dict[str, float]]
 
 @dataclass(frozen=True)
 class RayScaling:
-    """How one phase is spread over Ray: workers, their resources (`threads`: each worker's torch intra-op
-    threads, resources.threads), and where Ray Train keeps its run state."""
+    """How one phase is spread over Ray: workers, their resources (`cpus_per_worker`: what Ray reserves for each,
+    resources.worker_cpus, at least its threads; `threads`: each worker's torch intra-op threads,
+    resources.threads; `channels_last`: the members' layout, resources.channels_last), and where Ray Train keeps
+    its run state."""
 
     num_workers: int
     use_gpu: bool
@@ -41,11 +43,12 @@ class RayScaling:
     name_prefix: str
     max_failures: int = 0
     threads: int = 1
+    channels_last: bool = True
 
     @classmethod
     def from_spec(cls, resources: Any, storage_path: Path, name_prefix: str) -> RayScaling:
-        return cls(resources.num_workers, resources.use_gpu, resources.cpus_per_worker, storage_path, name_prefix,
-                   threads=resources.threads)
+        return cls(resources.num_workers, resources.use_gpu, resources.worker_cpus, storage_path, name_prefix,
+                   threads=resources.threads, channels_last=resources.channels_last)
 
     def trial_resources(self) -> dict[str, float]:
         """What one training run holds while it runs (its workers; the driver or Tune trial needs 1 CPU more)."""

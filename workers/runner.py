@@ -124,7 +124,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     if score_file.exists():  # finished by an earlier launch of the runner
         tune.report(json.loads(score_file.read_text()))
         return
-    ensemble = ensemble_from_checkpoint(context.base)
+    ensemble = ensemble_from_checkpoint(context.base, channels_last=context.scaling.channels_last)
     objective = IgatObjective(copy.deepcopy(context.method), replace(context.igat, alpha=alpha, beta=beta))
     request = FitRequest(phase, ensemble, objective, context.train, context.config, trial_dir, torch.device("cpu"),
                          MetricsWriter(context.run_dir, phase), progress=False, log=RunLog(context.run_dir))
@@ -138,9 +138,10 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 
 def max_concurrent_trials(scaling: RayScaling, cluster: dict[str, float], trials: int) -> int:
-    """How many trials fit at once: each holds its workers plus one CPU for its driver."""
+    """How many trials fit at once: each holds its workers plus its driver, which scores the trial with the
+    workers' threads (at least one CPU)."""
     need = scaling.trial_resources()
-    fits = math.floor(cluster.get("CPU", 0.0) / (need["CPU"] + 1.0))
+    fits = math.floor(cluster.get("CPU", 0.0) / (need["CPU"] + max(1.0, float(scaling.threads))))
     if need["GPU"]:
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / need["GPU"]))
     return max(1, min(fits, trials))
@@ -262,9 +263,10 @@ def check_resources(spec: ExperimentSpec, cluster: dict[str, float]) -> None:
     if r.use_gpu and cluster.get("GPU", 0.0) < r.num_workers:
         raise SpecError("resources", [("resources.use_gpu", f"{r.num_workers} GPU worker(s) asked, the Ray "
                                        f"cluster has {cluster.get('GPU', 0.0):g} GPU(s)")])
-    if r.num_workers * r.cpus_per_worker > cluster.get("CPU", 0.0):
-        raise SpecError("resources", [("resources.num_workers", f"{r.num_workers} worker(s) x {r.cpus_per_worker:g} "
-                                       f"CPU need more than the cluster's {cluster.get('CPU', 0.0):g} CPUs")])
+    if r.requested_cpus > cluster.get("CPU", 0.0):
+        raise SpecError("resources", [("resources.num_workers", f"{r.num_workers} worker(s) x {r.worker_cpus:g} "
+                                       f"CPU (cpus_per_worker, at least the threads) need more than the cluster's "
+                                       f"{cluster.get('CPU', 0.0):g} CPUs")])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ class PGD(Attack):
     def _one_run(self, images: torch.Tensor, labels: torch.Tensor, run: int = 0) -> torch.Tensor:
         """Restart `run`; its steps are reported with the examples standing at each iterate (the first run's:
         a later run attacks only some of the call's examples)."""
+        low, high = linf_box(images, self.eps)
         x = images
         if self.random_start:
             noise = torch.rand(images.shape, generator=self.generator, device="cpu").to(images.device)
@@ -50,7 +51,8 @@ class PGD(Attack):
             x = x.detach().requires_grad_(True)
             outputs = self.model(x)
             grad, = torch.autograd.grad(self.loss(outputs, labels), x)
-            x = project_linf(x.detach() + self.step * grad.sign(), images, self.eps)
+            # eq. (3), the projection as one clamp to the box `linf_box`
+            x = torch.clamp(grad.sign().mul_(self.step).add_(x.detach()), low, high)
             self.report_progress((run * self.steps + t + 1) / (self.restarts * self.steps),
                                  standing_of(outputs, labels) if run == 0 else None)
         return x.detach()
@@ -66,6 +68,12 @@ class PGD(Attack):
             best[robust] = candidate
         self.cost = torch.full((len(images),), self.steps * self.restarts, dtype=torch.long)
         return best
+
+
+def linf_box(origin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds of the eps-ball around `origin` (in [0,1]) intersected with [0,1]: clamping to them gives exactly
+    `project_linf(x, origin, eps)`, as the two boxes overlap."""
+    return (origin - eps).clamp_min(0.0), (origin + eps).clamp_max(1.0)
 
 
 class FGSM(Attack):

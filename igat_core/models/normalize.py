@@ -11,7 +11,13 @@ from igat_core.models.features import MemberOutput
 
 
 class Normalized(nn.Module):
-    """Wraps a network `net` so that it sees (x - mean) / std; mean and std are buffers saved with the weights."""
+    """Wraps a network `net` so that it sees (x - mean) / std; mean and std are buffers saved with the weights.
+
+    `use_channels_last(True)` stores a convolutional net's weights channels_last and hands it its (normalised)
+    input channels_last too; the values are the same, only the memory layout (and the kernels torch picks) change.
+    """
+
+    channels_last: bool = False
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -23,7 +29,16 @@ class Normalized(nn.Module):
         return self.net(self.normalize(x))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        normalized = (x - self.mean) / self.std
+        if self.channels_last and normalized.dim() == 4:
+            return normalized.contiguous(memory_format=torch.channels_last)
+        return normalized
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """Keep the net's weights and inputs channels_last (`enabled`, for nets with 2-d convolutions) or NCHW."""
+        enabled = enabled and any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+        self.net.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = enabled
 
     def forward_all(self, x: torch.Tensor) -> MemberOutput:
         return self.net.forward_all(self.normalize(x))
