@@ -1,7 +1,9 @@
 """One iGAT training step and its parts against the member-loop reference, in one process, from the same weights.
 
-`igat` is the step as igat_core runs it (channels_last members and inputs, the natural half's logits kept from
-L_E's pass where that is exact, the PGD loop of igat_core.attacks.pgd). `reference` is the plain loop over members
+`igat` is the step as igat_core runs it with its two speed switches on (`resources.channels_last`: members and
+inputs channels_last; `igat.reuse_natural_pass`: the natural half's logits kept from L_E's pass where the members
+have no batch statistics; both off by default, as they change results at float round-off) and the PGD loop of
+igat_core.attacks.pgd (always on: bit-exact). `reference` is the plain loop over members
 as it ran before those changes: NCHW members, a second pass over the natural examples in the cat(x, x_adv)
 forward, and the PGD loop that projects with `project_linf` each step (`ReferencePGD`). Both are copies of one
 freshly initialised ensemble and see the same batch and generator seed. One step is L_E (the base loss), the
@@ -184,7 +186,7 @@ def variants(shape: Shape, base: str, channels_last: bool, device: torch.device)
     reference = Ensemble(config, shape.members, channels_last=False).to(device).train()
     ours = copy.deepcopy(reference)
     ours.use_channels_last(channels_last)
-    igat_config = IgatConfig(eps=shape.eps, step=shape.step, steps=shape.steps)
+    igat_config = IgatConfig(eps=shape.eps, step=shape.step, steps=shape.steps, reuse_natural_pass=True)
     off = IgatConfig(eps=shape.eps, step=shape.step, steps=shape.steps, reuse_natural_pass=False)
     return [Variant("igat", ours, IgatObjective(build_method(base, {}), igat_config), PGD),
             Variant("reference", reference, IgatObjective(build_method(base, {}), off), ReferencePGD)]

@@ -145,7 +145,7 @@ class IgatConfig:
     model_mode: str = "eval"
     engine: str = "loop"
     cuda_graphs: bool = False
-    reuse_natural_pass: bool = True
+    reuse_natural_pass: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:

@@ -238,9 +238,10 @@ class IgatSpec(_Strict):
     model_mode: ModelMode = Field("eval", validation_alias=AliasChoices("model_mode", "bn_mode"),
                                   description="members' BatchNorm/dropout mode during the global PGD (train: the "
                                   "official code's, running statistics updated); bn_mode is its former name")
-    reuse_natural_pass: bool = Field(True, description="the training pass over cat(x, x_adv) takes its natural half "
-                                     "from L_E's pass where the members have no batch statistics (no BatchNorm): "
-                                     "the same loss values, gradients equal up to float round-off")
+    reuse_natural_pass: bool = Field(False, description="the training pass over cat(x, x_adv) takes its natural "
+                                     "half from L_E's pass where the members have no batch statistics (no "
+                                     "BatchNorm): the same loss values, gradients equal up to float round-off, "
+                                     "which training grows into other numbers")
     attack: AttackSpec = Field(default_factory=AttackSpec)
     train: OptimSpec = Field(
         default_factory=lambda: OptimSpec(epochs=20, batch_size=512, lr=0.01, milestones=[10], gamma=0.2)
@@ -332,8 +333,9 @@ class ResourcesSpec(_Strict):
         "evaluation and its attacks stay fp32")
     cuda_graphs: bool = Field(False, description="with engine fused on a CUDA device: capture the global PGD's "
                               "step as a CUDA graph, replayed for every batch of the same shape (untested on a GPU)")
-    channels_last: bool = Field(True, description="convolutional members keep weights and inputs channels_last "
-                                "(NHWC): faster on the CPU, the same results up to float round-off (igat_core.runtime)")
+    channels_last: bool = Field(False, description="convolutional members keep weights and inputs channels_last "
+                                "(NHWC): faster on the CPU, the same results up to float round-off, which training "
+                                "grows into other numbers (igat_core.runtime)")
 
     @model_validator(mode="after")
     def _resolve_threads(self) -> ResourcesSpec:

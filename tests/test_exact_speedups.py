@@ -22,7 +22,7 @@ from tests.conftest import digits_config
 from workers.ray_train import RayScaling
 from workers.runner import check_resources, max_concurrent_trials
 
-CONFIG = IgatConfig(eps=0.3, step=0.1, steps=3)
+CONFIG = IgatConfig(eps=0.3, step=0.1, steps=3, reuse_natural_pass=True)
 BATCH = 24
 
 
@@ -124,8 +124,8 @@ def test_with_batchnorm_in_train_mode_both_halves_run_again_and_a_forced_reuse_w
 
 
 def test_the_spec_switches_the_kept_natural_pass():
-    assert igat_config(parse_spec({})).reuse_natural_pass
-    assert not igat_config(parse_spec({"igat": {"reuse_natural_pass": False}})).reuse_natural_pass
+    assert not igat_config(parse_spec({})).reuse_natural_pass
+    assert igat_config(parse_spec({"igat": {"reuse_natural_pass": True}})).reuse_natural_pass
 
 
 def test_only_a_grad_enabled_pass_over_the_same_tensor_in_the_same_modes_is_reused(batch):
@@ -189,13 +189,14 @@ def test_channels_last_members_equal_nchw_ones_to_float_round_off(architecture, 
     assert relative_difference(step_outputs(nhwc, x.transpose(2, 3), y)["logits"], reference["logits"]) > 1e-2
 
 
-def test_channels_last_is_the_default_its_switch_is_recorded_and_checkpoints_keep_their_values():
-    assert channels_last_default() and parse_spec({}).resources.channels_last
-    with channels_last_members(False):
-        nchw = Ensemble(digits_config(), 2)
-        assert runtime_record(torch.device("cpu"))["channels_last"] is False
+def test_channels_last_is_off_by_default_its_switch_is_recorded_and_checkpoints_keep_their_values():
+    assert not channels_last_default() and not parse_spec({}).resources.channels_last
+    nchw = Ensemble(digits_config(), 2)
+    assert runtime_record(torch.device("cpu"))["channels_last"] is False
     assert not any(m.channels_last for m in nchw.members)
-    nhwc = ensemble_from_checkpoint(nchw.checkpoint_payload())
+    with channels_last_members(True):
+        nhwc = ensemble_from_checkpoint(nchw.checkpoint_payload())
+        assert runtime_record(torch.device("cpu"))["channels_last"] is True
     assert all(m.channels_last for m in nhwc.members)
     assert all(torch.equal(a, b) for a, b in zip(nhwc.state_dict().values(), nchw.state_dict().values()))
     mlp = Ensemble(digits_config("mlp"), 1, channels_last=True)
