@@ -9,7 +9,8 @@ replaces what the experiment holds at `path` (a mapping value replaces the whole
 `plan_study` is pure and torch-free, so the service expands a study the same way `igat study` does: every planned
 experiment has a stable name, its ExperimentSpec, and `base_of`, the experiment whose pretrained base it loads
 (None: it trains its own). Experiments share a base exactly when their specs agree after removing the fields that
-act after pretraining (`SHARED_BASE_EXCLUDED`); the first of each group in plan order trains it.
+act after pretraining (`SHARED_BASE_EXCLUDED`), the resources that change the pretraining's arithmetic
+(`SHARED_BASE_RESOURCES`) kept; the first of each group in plan order trains it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ SEED_AXIS = "seed"
 DEFAULT_ARM = "igat"
 ARM_SECTIONS = ("igat", "controls")
 SHARED_BASE_EXCLUDED = frozenset({"name", "igat", "controls", "eval", "tune", "resources"})
+#: The `resources` that change a pretraining's arithmetic, so that bases trained with other values are not shared.
+SHARED_BASE_RESOURCES = ("threads", "channels_last", "precision")
 MAX_EXPERIMENTS = 2000
 MAX_PROBLEMS = 20
 MAX_ENTRIES = 256
@@ -387,8 +390,11 @@ class PlannedExperiment:
 
 
 def shared_base_key(spec: ExperimentSpec) -> str:
-    """What the pretrained base depends on: the spec without the settings that act after pretraining."""
-    return json.dumps(spec.model_dump(mode="json", exclude=set(SHARED_BASE_EXCLUDED)), sort_keys=True)
+    """What the pretrained base depends on: the spec without the settings that act after pretraining, with the
+    resources that change its arithmetic."""
+    key = spec.model_dump(mode="json", exclude=set(SHARED_BASE_EXCLUDED))
+    key["resources"] = {name: getattr(spec.resources, name) for name in SHARED_BASE_RESOURCES}
+    return json.dumps(key, sort_keys=True)
 
 
 def plan_study(study: StudySpec) -> list[PlannedExperiment]:

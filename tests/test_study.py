@@ -128,6 +128,15 @@ def test_methods_and_seeds_do_not_share_a_base_while_eval_and_igat_settings_do()
     assert shared_base_key(plan[0].spec) != shared_base_key(plan[-1].spec)
 
 
+@pytest.mark.parametrize("field,value", [("precision", "bf16"), ("channels_last", True), ("threads", 2)])
+def test_a_base_trained_with_other_arithmetic_is_not_shared(field, value):
+    plan = plan_study(parse_study(study(experiment=TINY_EXPERIMENT, grid={"seed": [0]},
+                                        variants={"ref": {}, "other": {f"resources.{field}": value},
+                                                  "device": {"resources.device": "auto"}})))
+    trainer = {p.variant: p.base_of or p.name for p in plan}
+    assert trainer["other"] != trainer["ref"] and trainer["device"] == trainer["ref"]
+
+
 def test_a_cldl_study_hands_each_base_with_its_method_state_to_the_other_arms(tmp_path, monkeypatch):
     experiment = {**TINY_EXPERIMENT, "base": {"method": "cldl", "train": {"epochs": 1, "batch_size": 64, "lr": 0.01}}}
     plan = plan_study(parse_study(study(experiment=experiment)))
