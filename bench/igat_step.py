@@ -36,7 +36,7 @@ from unittest import mock
 import torch
 
 from bench.pgd_throughput import write_section as write_marked_section
-from igat_core import igat
+from igat_core import engine, igat
 from igat_core.attacks import PGD
 from igat_core.attacks.base import project_linf
 from igat_core.defenses import build_method
@@ -138,7 +138,7 @@ def run_step(v: Variant, x: torch.Tensor, y: torch.Tensor, seed: int) -> StepRec
     batches: list[GlobalBatch] = []
     base_losses: list = []
     v.ensemble.zero_grad(set_to_none=True)
-    with mock.patch.object(igat, "PGD", timed_attack(v.attack, pgd, device)), \
+    with mock.patch.object(engine, "PGD", timed_attack(v.attack, pgd, device)), \
             mock.patch.object(igat, "global_batch", recorded(igat.global_batch, batches)), \
             mock.patch.object(v.objective.base, "loss", recorded(timed_call(v.objective.base.loss, base, device),
                                                                  base_losses)):
@@ -236,8 +236,10 @@ def render(result: dict, command: str, described: str) -> str:
 INTRO = "\n".join([
     "## One iGAT step against the member-loop reference (bench/igat_step.py)", "",
     "Seconds of one iGAT training step (L_E, global PGD, training forward on cat(x, x_adv), backward) as igat "
-    "runs it and as the plain member loop ran it before the CPU wins (NCHW members, the natural examples run "
-    "forward twice, the old PGD loop; with BatchNorm members igat runs them twice too), both from the same "
+    "runs it with its speed switches on (`resources.channels_last`, `igat.reuse_natural_pass`: both off by "
+    "default, as they change results at float round-off) and as the plain member loop ran it before the CPU wins "
+    "(NCHW members, the natural examples run forward twice, the old PGD loop; with BatchNorm members igat runs "
+    "them twice too), both from the same "
     "weights, same batch and seed, interleaved repetitions in one process. The ratio is reference / igat (> 1: "
     "igat faster); the last column is the largest absolute difference of what the part computes between the two "
     "(channels_last sums in another order, and PGD's sign turns that round-off into different pixels where an "
