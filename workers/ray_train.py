@@ -43,7 +43,7 @@ class RayScaling:
     name_prefix: str
     max_failures: int = 0
     threads: int = 1
-    channels_last: bool = True
+    channels_last: bool = False
 
     @classmethod
     def from_spec(cls, resources: Any, storage_path: Path, name_prefix: str) -> RayScaling:
