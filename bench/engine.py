@@ -28,13 +28,13 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from bench.pgd_throughput import timed
 from igat_core.data import DatasetUnavailable, Split, dataset_info, load_dataset
 from igat_core.defenses import Plain
 from igat_core.ensemble import Ensemble
@@ -99,16 +99,6 @@ class Trainer:
                                 self.objective.engine)
 
 
-def synchronized(run: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def training_data(args: argparse.Namespace) -> tuple[Split, str]:
     try:
         split = load_dataset(args.dataset, "train", train_limit=args.examples)
@@ -155,7 +145,7 @@ def first_steps(rows: dict[str, Row], trainers: dict[str, Trainer], x: torch.Ten
 def time_steps(rows: dict[str, Row], trainers: dict[str, Trainer], x: torch.Tensor, y: torch.Tensor, reps: int,
                device: torch.device, write: Callable[[], None]) -> None:
     for _ in range(reps):
-        seconds = {name: synchronized(lambda t=trainer: t.step(x, y), device) for name, trainer in trainers.items()}
+        seconds = {name: timed(lambda t=trainer: t.step(x, y), device) for name, trainer in trainers.items()}
         for name, s in seconds.items():
             rows[name].step_s.append(s)
             if "loop" in seconds:
@@ -168,7 +158,7 @@ def time_epoch(row: Row, trainer: Trainer, data: Split, batch: int, budget_s: fl
     spent, done = 0.0, 0
     for idx in order:
         x, y = data.images[idx].to(device), data.labels[idx].to(device)
-        spent += synchronized(lambda x=x, y=y: trainer.step(x, y), device)
+        spent += timed(lambda x=x, y=y: trainer.step(x, y), device)
         done += 1
         if spent > budget_s:
             break
