@@ -136,7 +136,7 @@ def _start_ray(settings: Any, num_cpus: int | None) -> Any:
         os.environ["IGAT_MAX_CONCURRENT_CPUS"] = str(num_cpus or os.cpu_count() or 1)
     (log_path.parent / "ray-head.pid").write_text(f"{head.process.pid}\n")
     typer.echo(f"igat serve: local Ray head up at {head.gcs_address}, dashboard {head.dashboard_url} "
-               f"(log {log_path})")
+               f"(log {log_path}, Ray temp dir {head.temp_dir})")
     return head
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +19,15 @@ from service.dispatcher import configured_executor
 from tests.service_fixtures import ROOT, free_port, make_settings, pid_alive, wait_for
 from workers.executors import ExecutorUnavailable
 from workers.executors.ray_jobs import exit_code_of, submission_id
-from workers.ray_cluster import recorded_head_port
+from workers.ray_cluster import (
+    free_ports,
+    processes_naming,
+    ray_address_file,
+    recorded_head_port,
+    release_signals,
+    signals_held,
+    start_local_head,
+)
 
 
 def test_job_states_map_to_exit_codes_the_dispatcher_understands():
@@ -75,14 +84,16 @@ def test_serve_defaults_to_ray_and_stops_its_head(tmp_path):
         head_up = next(line for line in log.read_text().splitlines() if "local Ray head up" in line)
         dashboard = head_up.split("dashboard ")[1].split()[0]
         gcs_port = head_up.split(" up at ")[1].split(",")[0].rsplit(":", 1)[1]
+        temp_dir = Path(head_up.split("Ray temp dir ")[1].rstrip(")"))
         assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 200
         assert pid_alive(head_pid)
-        wait_for(lambda: recorded_head_port() == gcs_port, 30, interval=0.5, what="Ray's address file")
+        wait_for(lambda: recorded_head_port(temp_dir) == gcs_port, 30, interval=0.5, what="the head's address file")
+        assert processes_naming(str(temp_dir))
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=120)
     assert not pid_alive(head_pid), "the Ray head outlived igat serve"
-    assert recorded_head_port() != gcs_port, "a plain ray.init() would still look for the stopped head"
+    assert processes_naming(str(temp_dir)) == [], "Ray processes of the head outlived igat serve"
     assert not pid_file.exists()
     assert "Traceback" not in log.read_text()
     assert Path(tmp_path / "var" / "ray-head.log").exists()
@@ -117,10 +128,86 @@ def test_sigterm_while_the_ray_head_starts_leaves_no_ray_process(tmp_path):
     assert "local Ray head up" not in log.read_text()
 
 
+def test_a_sigterm_while_the_head_is_spawned_waits_until_the_head_can_be_stopped():
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: caught.append(signum))
+    try:
+        with signals_held() as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10_000))  # bytecodes at which Python would run a handler
+            assert caught == [] and received == [signal.SIGTERM]
+        assert caught == []
+        release_signals(received)
+        assert caught == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_head_keeps_its_address_to_itself_and_stop_kills_what_escaped_its_process_group(tmp_path):
+    shared_file_before = ray_address_file().read_bytes() if ray_address_file().exists() else None
+    head = start_local_head(num_cpus=1, log_path=tmp_path / "head.log", timeout=120)
+    try:
+        port = head.gcs_address.rsplit(":", 1)[1]
+        wait_for(lambda: recorded_head_port(head.temp_dir) == port, 30, interval=0.2, what="the head's address file")
+        assert (ray_address_file().read_bytes() if ray_address_file().exists() else None) == shared_file_before
+        escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(head.temp_dir)],
+                                   start_new_session=True)
+    finally:
+        head.stop()
+    try:
+        escaped.wait(timeout=10)
+    finally:
+        escaped.kill()
+    assert escaped.returncode == -signal.SIGKILL
+    assert processes_naming(str(head.temp_dir)) == []
+
+
+def plain_ray_head(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`ray start --head --block` with Ray's shared temp dir, as any other Ray on the machine would start."""
+    port, dashboard_port = free_ports(2)
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
+               f"--port={port}", f"--dashboard-port={dashboard_port}", "--num-cpus=1"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True), str(port)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_job_driver_joins_the_head_it_was_submitted_to_when_another_head_started_later(ray_cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    shared_file = ray_address_file()
+    before = shared_file.read_bytes() if shared_file.exists() else None
+    later, later_port = plain_ray_head(tmp_path / "later-head.log")
+    try:
+        wait_for(lambda: recorded_head_port() == later_port, 120, interval=0.5, what="the later head")
+        client = JobSubmissionClient(ray_cluster.dashboard_url)
+        job = client.submit_job(entrypoint=f"{sys.executable} -c 'import os; print(os.environ[\"RAY_ADDRESS\"])'")
+        wait_for(lambda: client.get_job_status(job).is_terminal(), 120, interval=0.5, what="the job")
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)
+        driver_address = client.get_job_logs(job).strip().splitlines()[-1]
+        assert driver_address.rsplit(":", 1)[1] == ray_cluster.gcs_address.rsplit(":", 1)[1]
+    finally:
+        later.send_signal(signal.SIGTERM)
+        try:
+            later.wait(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(later.pid, signal.SIGKILL)
+        if before is None:
+            shared_file.unlink(missing_ok=True)
+        else:
+            shared_file.write_bytes(before)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_a_ray_token_left_by_an_earlier_ray_init_does_not_lock_out_the_local_head(tmp_path, monkeypatch):
-    from workers.ray_cluster import start_local_head
 
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("a" * 64)  # what a plain local ray.init() leaves in ~/.ray

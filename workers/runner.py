@@ -14,7 +14,7 @@ results.json, same resume rules), with two substitutions:
 
 A relaunched runner (same RUN_DIR) skips finished phases and trials and resumes the others from their last
 epoch checkpoint. It connects to ``--address`` (default: RAY_ADDRESS, which a Ray Job sets), or starts a
-local Ray when neither is given.
+local Ray when neither is given (never the newest cluster of the machine, which Ray's own default would join).
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     from igat_core.data import DatasetUnavailable
     from igat_core.report import accuracy_table
 
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
     try:
         check_resources(spec, ray.cluster_resources())
     except SpecError as exc:
