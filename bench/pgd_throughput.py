@@ -1,9 +1,11 @@
 """PGD-20 throughput of igat's PGD against torchattacks' PGD on the same ensemble, in one process.
 
 Both attack the ensemble's log-probability output with the same eps, step eps/4, 20 steps and a random start.
-After one untimed run of each, the repetitions interleave the two (igat, torchattacks, igat, ...) so drift in
-machine load hits both alike; the result is the median over repetitions of the per-repetition ratio of examples
-per second, igat / torchattacks (> 1: igat is faster).
+After one untimed run of each, every repetition times igat, torchattacks and igat's PGD once more (a second,
+identical instance), in an order that alternates between repetitions, so drift in machine load and any
+first-or-second bias hit both alike. The result is the median over repetitions of the per-repetition ratio of
+examples per second, igat / torchattacks (> 1: igat is faster), beside the same ratio of igat against itself:
+the noise floor a difference has to exceed.
 
     .venv/bin/python -m bench.pgd_throughput                               # small CNN x 3 on 1x8x8, batch 500
     .venv/bin/python -m bench.pgd_throughput --arch resnet20 --dataset cifar10 --batch 128
@@ -49,6 +51,9 @@ def timed(run, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+ORDERS = (("igat", "torchattacks", "igat again"), ("igat again", "torchattacks", "igat"))
+
+
 def measure(args: argparse.Namespace) -> dict:
     import torchattacks
 
@@ -59,35 +64,40 @@ def measure(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, info.channels, info.height, info.width, generator=generator).to(device)
     labels = torch.randint(0, info.num_classes, (args.batch,), generator=generator).to(device)
-    ours = PGD(model, args.eps, args.eps / 4, 20, random_start=True, generator=torch.Generator().manual_seed(1))
+    ours, again = (PGD(model, args.eps, args.eps / 4, 20, random_start=True,
+                       generator=torch.Generator().manual_seed(1)) for _ in range(2))
     theirs = torchattacks.PGD(model, eps=args.eps, alpha=args.eps / 4, steps=20, random_start=True)
-    runs = {"igat": lambda: ours(images, labels), "torchattacks": lambda: theirs(images, labels)}
+    runs = {"igat": lambda: ours(images, labels), "torchattacks": lambda: theirs(images, labels),
+            "igat again": lambda: again(images, labels)}
     for run in runs.values():
         timed(run, device)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.reps):
-        for name, run in runs.items():
-            seconds[name].append(timed(run, device))
+    for rep in range(args.reps):
+        for name in ORDERS[rep % 2]:
+            seconds[name].append(timed(runs[name], device))
     ratios = [t / o for o, t in zip(seconds["igat"], seconds["torchattacks"])]
+    noise = [t / o for o, t in zip(seconds["igat"], seconds["igat again"])]
     return {
         "igat": args.batch / statistics.median(seconds["igat"]),
         "torchattacks": args.batch / statistics.median(seconds["torchattacks"]),
         "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+        "noise": statistics.median(noise), "noise_low": min(noise), "noise_high": max(noise),
         "setting": (f"{args.arch} members, N = {args.members}; images {info.channels}x{info.height}x{info.width} "
                     f"({args.dataset} shape, random pixels); batch {args.batch}; eps {args.eps:.4f}, step eps/4, "
                     f"20 steps, random start; device {device}; torch {torch.__version__}, torchattacks "
                     f"{torchattacks.__version__}, {torch.get_num_threads()} threads, "
-                    f"{platform.processor() or platform.machine()}; {args.reps} interleaved repetitions after "
-                    f"1 warm-up each; load average at the end {os.getloadavg()[0]:.1f}"),
+                    f"{platform.processor() or platform.machine()}; {args.reps} repetitions in alternating order "
+                    f"after 1 warm-up each; load average at the end {os.getloadavg()[0]:.1f}"),
     }
 
 
 INTRO = "\n".join([
     "## PGD-20 throughput against torchattacks (bench/pgd_throughput.py)", "",
     "Examples per second of `igat_core.attacks.PGD` and `torchattacks.PGD` on the same ensemble (its "
-    "log-probability output), same process, interleaved repetitions. The ratio is the median of the "
-    "per-repetition ratios igat / torchattacks (> 1: igat faster); the machine is shared, so the absolute "
-    "numbers move with its load. Each table starts with the command that made it.",
+    "log-probability output), same process, repetitions in alternating order. The ratio is the median of the "
+    "per-repetition ratios igat / torchattacks (> 1: igat faster); the A/A ratio is igat against a second, "
+    "identical igat PGD timed in the same repetitions, the noise floor of the first. The machine is shared, so "
+    "the absolute numbers move with its load. Each table starts with the command that made it.",
 ])
 RUN_SEPARATOR = "\n\n<!-- run -->\n"
 
@@ -95,9 +105,11 @@ RUN_SEPARATOR = "\n\n<!-- run -->\n"
 def render(result: dict, command: str) -> str:
     return "\n".join([
         f"`{command}`", "", result["setting"] + ".", "",
-        "| igat ex/s | torchattacks ex/s | ratio (median) | ratio range |", "|---:|---:|---:|---:|",
+        "| igat ex/s | torchattacks ex/s | ratio (median) | ratio range | A/A ratio (median) | A/A range |",
+        "|---:|---:|---:|---:|---:|---:|",
         f"| {result['igat']:.1f} | {result['torchattacks']:.1f} | {result['ratio']:.3f} | "
-        f"{result['low']:.3f} - {result['high']:.3f} |",
+        f"{result['low']:.3f} - {result['high']:.3f} | {result['noise']:.3f} | "
+        f"{result['noise_low']:.3f} - {result['noise_high']:.3f} |",
     ])
 
 
