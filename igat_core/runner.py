@@ -35,7 +35,7 @@ from igat_core.results import results_record
 from igat_core.rundir import (EVAL_STATE_DIR, EVALUATION_FILE, REPORT_FILE, RESULTS_FILE, SPEC_FILE, STATE_FILE,
                               TRANSFER_SOURCE, TUNE_FILE, RunLog, checkpoint_dir, model_checkpoint, read_json,
                               write_json_atomic)
-from igat_core.runtime import channels_last_members, torch_threads
+from igat_core.runtime import channels_last_members, torch_threads, usable_cpus
 from igat_core.spec import (STANDARD_TRANSFER_SOURCE, AttackSpec, ExperimentSpec, OptimSpec, checkpoint_reference,
                             dump_spec, load_spec)
 from igat_core.train import FitFn, FitRequest, TrainConfig, last_checkpoint_epoch, load_last_checkpoint, local_fit
@@ -385,10 +385,18 @@ class Runner:
                 heartbeat(self.context.log, "run") as self.beat:
             return self._run_phases()
 
+    def _say_if_oversubscribed(self) -> None:
+        threads, cpus = self.spec.resources.threads or 1, usable_cpus()
+        if threads > cpus:
+            self.context.log.event("run", "oversubscribed", f"resources.threads is {threads} but this process may "
+                                   f"use {cpus} CPUs (affinity, cgroup quota): the same numbers, more slowly",
+                                   threads=threads, usable_cpus=cpus)
+
     def _run_phases(self) -> dict:
         ctx = self.context
         check_same_spec(self.spec, ctx.out)
         ctx.log.event("run", "started", f"run {self.spec.name} on {ctx.device}")
+        self._say_if_oversubscribed()
         torch.manual_seed(self.spec.seed)
         d = self.spec.dataset
         train = load_dataset(d.name, "train", val_fraction=d.val_fraction, seed=self.spec.seed,

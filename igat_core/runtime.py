@@ -6,7 +6,9 @@ accuracies. `igat run` (also what the service's local executor starts), the Ray 
 evaluation included) and every Ray Train worker therefore train and evaluate with `resources.threads` threads
 (`torch_threads`), and results.json `runtime` records what the evaluating process used (`runtime_record`).
 The inter-op pool is recorded, not set: it schedules independent ops and changes no sum, and torch refuses to
-resize it once any parallel work has run.
+resize it once any parallel work has run. Nor is the thread count lowered to the CPUs the process may actually
+use (`usable_cpus`: its affinity mask under its cgroup's CPU quota), as that would change the numbers; the record
+holds both, and the runner says when the threads oversubscribe those CPUs.
 
 Convolutional members can keep their weights and inputs channels_last (NHWC) (`channels_last_members`,
 resources.channels_last): on the CPU that runs oneDNN's NHWC kernels, faster than the NCHW path, with the same
@@ -16,8 +18,11 @@ the thread count, into other numbers. It is off by default, so that a spec's com
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -31,6 +36,54 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def usable_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on: its affinity mask, capped by the tightest CPU quota (cgroup v2 cpu.max,
+    v1 cpu.cfs_quota_us / cpu.cfs_period_us) of its cgroup and the cgroup's ancestors."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quotas = [quota for directory in cgroup_cpu_dirs(proc_cgroup, cgroup_root)
+              if (quota := cgroup_cpu_quota(directory)) is not None]
+    return max(1, min([count, *(math.ceil(q) for q in quotas)]))
+
+
+def cgroup_cpu_dirs(proc_cgroup: Path, cgroup_root: Path) -> list[Path]:
+    """The directories of this process's CPU cgroup (v2 unified, or v1 cpu controller) and their ancestors."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    dirs = []
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base = cgroup_root
+        elif "cpu" in controllers.split(","):
+            base = next((d for d in (cgroup_root / controllers, cgroup_root / "cpu,cpuacct", cgroup_root / "cpu")
+                         if d.is_dir()), None)
+            if base is None:
+                continue
+        else:
+            continue
+        leaf = base / path.lstrip("/")
+        dirs += [leaf, *[p for p in leaf.parents if p.is_relative_to(base)]]
+    return dirs
+
+
+def cgroup_cpu_quota(directory: Path) -> float | None:
+    """CPUs' worth of time the cgroup at `directory` may use, None without a limit."""
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((directory / "cpu.cfs_quota_us").read_text())
+        return None if quota_us < 0 else quota_us / int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 _CHANNELS_LAST = [False]
@@ -56,6 +109,7 @@ def runtime_record(device: torch.device) -> dict[str, object]:
     """This process's settings that decide the arithmetic (results.json `runtime`)."""
     return {
         "threads": torch.get_num_threads(),
+        "usable_cpus": usable_cpus(),
         "interop_threads": torch.get_num_interop_threads(),
         "torch": torch.__version__,
         "device": str(device),
