@@ -6,7 +6,9 @@ accuracies. `igat run` (also what the service's local executor starts), the Ray 
 evaluation included) and every Ray Train worker therefore train and evaluate with `resources.threads` threads
 (`torch_threads`), and results.json `runtime` records what the evaluating process used (`runtime_record`).
 The inter-op pool is recorded, not set: it schedules independent ops and changes no sum, and torch refuses to
-resize it once any parallel work has run. Nor is the thread count lowered to the CPUs the process may actually
+resize it once any parallel work has run. The CPU's instruction set picks the kernels (ATen's dispatch level,
+oneDNN's ISA), and so the round-off: the same spec on an AVX2 and an AVX-512 machine trains to other numbers, so
+the record names both the CPU and the level. Nor is the thread count lowered to the CPUs the process may actually
 use (`usable_cpus`: its affinity mask under its cgroup's CPU quota), as that would change the numbers; the record
 holds both, and the runner says when the threads oversubscribe those CPUs.
 
@@ -105,11 +107,26 @@ def channels_last_members(enabled: bool) -> Iterator[None]:
         _CHANNELS_LAST[0] = previous
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def runtime_record(device: torch.device) -> dict[str, object]:
     """This process's settings that decide the arithmetic (results.json `runtime`)."""
     return {
         "threads": torch.get_num_threads(),
         "usable_cpus": usable_cpus(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "interop_threads": torch.get_num_interop_threads(),
         "torch": torch.__version__,
         "device": str(device),

@@ -1,5 +1,5 @@
-"""`igat_core.runtime.usable_cpus`: the affinity mask under the cgroup CPU quota, read from files laid out as the
-kernel lays them out (cgroup v2 and v1), and the runner's word when resources.threads exceeds it."""
+"""`igat_core.runtime`: usable_cpus, the affinity mask under the cgroup CPU quota, read from files laid out as the
+kernel lays them out (cgroup v2 and v1); the runner's word when resources.threads exceeds it; the CPU in the record."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from igat_core.runtime import cgroup_cpu_quota, usable_cpus
 from tests.service_fixtures import ROOT, TINY_EXPERIMENT
@@ -63,3 +64,16 @@ Runner(parse_spec({spec!r}), {str(tmp_path / "run")!r}, progress=False).run()
     assert len(said) == 1 and said[0]["threads"] == 2 and said[0]["usable_cpus"] == 1, said
     runtime = json.loads((tmp_path / "run" / "results.json").read_text())["runtime"]
     assert runtime["threads"] == 2 and runtime["usable_cpus"] == 1
+
+
+def test_the_runtime_record_names_the_cpu_and_the_kernel_level_that_decide_the_round_off():
+    script = "from igat_core.runtime import runtime_record; import torch, json; " \
+             "print(json.dumps(runtime_record(torch.device('cpu'))))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    default = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                                        check=True).stdout)
+    capped = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                       env={**env, "ATEN_CPU_CAPABILITY": "default"}).stdout)
+    assert default["cpu"] and default["cpu"] == capped["cpu"]
+    assert capped["cpu_capability"] == "DEFAULT"
+    assert default["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
