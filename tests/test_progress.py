@@ -99,7 +99,7 @@ def test_fit_reports_examples_per_s_per_epoch_and_progress_within_epochs(digits_
     assert progress == [(e, b, 4) for e in (1, 2) for b in (1, 2, 3)]
 
 
-SMALL = dict(eps=0.1, step=0.025, steps=5, signhunter_queries=40, sanity_pgd_steps=6, sanity_pgd_restarts=2,
+SMALL = dict(eps=0.3, step=0.075, steps=5, signhunter_queries=40, sanity_pgd_steps=6, sanity_pgd_restarts=2,
              sanity_examples=6)
 EVALUATED = ("natural", "pgd", "signhunter")
 
